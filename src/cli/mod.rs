@@ -1,0 +1,143 @@
+//! The command line: node commands (`up`, `join`) and client commands that talk to a node's
+//! HTTP API (`status`, `nodes`, `ticket`, `node ...`).
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+
+/// Run many Codex coding agents on your own servers, as one private mesh.
+#[derive(Debug, Parser)]
+#[command(name = "codex-mesh", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a node; the first time, create a new mesh and print its join ticket.
+    Up(NodeArgs),
+    /// Start a node that joins the mesh of TICKET (resumes if the data dir already joined).
+    Join {
+        /// Join ticket printed by `codex-mesh up` or `codex-mesh ticket`.
+        ticket: String,
+        /// Node options.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Show this node's view of the mesh: master, epoch, voters, members.
+    Status(ClientArgs),
+    /// List the nodes of the mesh.
+    Nodes(ClientArgs),
+    /// Print a join ticket for adding nodes.
+    Ticket(ClientArgs),
+    /// Act on a node: drain, undrain, remove, admit, edit.
+    Node {
+        /// The action.
+        #[command(subcommand)]
+        action: NodeCommand,
+    },
+}
+
+/// Operator actions on a node.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Stop giving the node new jobs.
+    Drain(NodeTarget),
+    /// Give the node jobs again.
+    Undrain(NodeTarget),
+    /// Remove the node: every peer refuses it until it is re-admitted.
+    Remove(NodeTarget),
+    /// Re-admit a removed node.
+    Admit(NodeTarget),
+    /// Change a node's tags and/or slots.
+    Edit {
+        /// The node.
+        #[command(flatten)]
+        target: NodeTarget,
+        /// New tags (comma-separated; empty string clears them).
+        #[arg(long, value_delimiter = ',')]
+        tags: Option<Vec<String>>,
+        /// New number of job slots.
+        #[arg(long)]
+        slots: Option<u32>,
+    },
+}
+
+/// Which node, and how to reach the API.
+#[derive(Debug, Args)]
+pub struct NodeTarget {
+    /// Node id or name.
+    pub node: String,
+    /// API options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of a node process.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Data directory (identity, mesh key, store, API token).
+    #[arg(long, env = "CODEX_MESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node name shown in the dashboard and chat (default: host name).
+    #[arg(long, env = "CODEX_MESH_NAME")]
+    pub name: Option<String>,
+    /// Tags for targeting jobs, comma-separated.
+    #[arg(long, env = "CODEX_MESH_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Jobs this node runs at once.
+    #[arg(long, env = "CODEX_MESH_SLOTS", default_value_t = 2)]
+    pub slots: u32,
+    /// Mesh listen address (libp2p multiaddress).
+    #[arg(
+        long,
+        env = "CODEX_MESH_LISTEN",
+        default_value = "/ip4/0.0.0.0/tcp/7781"
+    )]
+    pub listen: Multiaddr,
+    /// HTTP API and dashboard address.
+    #[arg(long, env = "CODEX_MESH_HTTP", default_value = "0.0.0.0:7780")]
+    pub http: SocketAddr,
+    /// Worker only: never hold the master lease nor vote.
+    #[arg(long, env = "CODEX_MESH_NO_MASTER")]
+    pub no_master: bool,
+    /// Extra peer address to dial (repeatable; `/p2p/<id>` suffix recommended).
+    #[arg(long = "peer", env = "CODEX_MESH_PEERS", value_delimiter = ',')]
+    pub peers: Vec<Multiaddr>,
+}
+
+/// How a client command finds a node's API.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Data directory of the local node (to find its API URL and token).
+    #[arg(long, env = "CODEX_MESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API base URL (default: the local node's, from the data dir).
+    #[arg(long, env = "CODEX_MESH_API")]
+    pub api: Option<String>,
+    /// API bearer token (default: from the data dir).
+    #[arg(long, env = "CODEX_MESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/codex-mesh`, `~/.local/share/codex-mesh`, or
+/// `./codex-mesh-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("codex-mesh");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/codex-mesh"),
+        None => PathBuf::from("codex-mesh-data"),
+    }
+}

@@ -1,0 +1,265 @@
+//! The node's data directory: identity key, mesh key, API token, store and the files the CLI
+//! reads to find the local API. Secret files are created with mode 0600.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::Keypair;
+use rand::RngCore;
+use thiserror::Error;
+
+/// Length of the pre-shared mesh key.
+pub const MESH_KEY_LEN: usize = 32;
+
+/// Data directory failures.
+#[derive(Debug, Error)]
+pub enum DataDirError {
+    /// A file could not be read or written.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key file exists but its contents are not valid.
+    #[error(
+        "{path} is damaged ({reason}); restore it from a backup or start with a fresh --data-dir"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The directory belongs to another mesh than the ticket's.
+    #[error("the data dir {path} belongs to another mesh ({have}) than the ticket ({want}); use a fresh --data-dir to join this mesh")]
+    OtherMesh {
+        /// The directory.
+        path: PathBuf,
+        /// Mesh id found in the directory.
+        have: String,
+        /// Mesh id of the ticket.
+        want: String,
+    },
+    /// `up` was asked to resume but the directory holds no mesh.
+    #[error("the data dir {0} holds no mesh yet: start one with `codex-mesh up` or join one with `codex-mesh join <ticket>`")]
+    NoMesh(PathBuf),
+}
+
+/// A node's data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// A short public id of a mesh derived from its key (safe to print).
+pub fn mesh_id(key: &[u8; MESH_KEY_LEN]) -> String {
+    let digest = blake3::derive_key("codex-mesh mesh id v1", key);
+    hex::encode(&digest[..6])
+}
+
+impl DataDir {
+    /// Use (and create) the directory at `root`.
+    pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
+        fs::create_dir_all(root).map_err(|source| DataDirError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(DataDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the redb store.
+    pub fn store_path(&self) -> PathBuf {
+        self.root.join("state.redb")
+    }
+
+    /// Path of the file holding the local API URL.
+    pub fn api_url_path(&self) -> PathBuf {
+        self.root.join("api-url")
+    }
+
+    /// Path of the file holding the API bearer token.
+    pub fn token_path(&self) -> PathBuf {
+        self.root.join("api-token")
+    }
+
+    fn mesh_key_path(&self) -> PathBuf {
+        self.root.join("mesh.key")
+    }
+
+    fn node_key_path(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
+
+    /// The node identity, created on first use.
+    pub fn identity(&self) -> Result<Keypair, DataDirError> {
+        let path = self.node_key_path();
+        match read_optional(&path)? {
+            Some(bytes) => {
+                Keypair::from_protobuf_encoding(&bytes).map_err(|e| DataDirError::Damaged {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+            None => {
+                let keypair = Keypair::generate_ed25519();
+                let bytes = keypair
+                    .to_protobuf_encoding()
+                    .map_err(|e| DataDirError::Damaged {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                write_secret(&path, &bytes)?;
+                Ok(keypair)
+            }
+        }
+    }
+
+    /// The mesh key, if this directory already belongs to a mesh.
+    pub fn mesh_key(&self) -> Result<Option<[u8; MESH_KEY_LEN]>, DataDirError> {
+        let path = self.mesh_key_path();
+        let Some(bytes) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let damaged = |reason: &str| DataDirError::Damaged {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let raw = hex::decode(text.trim()).map_err(|_| damaged("not hex"))?;
+        let key: [u8; MESH_KEY_LEN] = raw.try_into().map_err(|_| damaged("wrong length"))?;
+        Ok(Some(key))
+    }
+
+    /// Start a new mesh here, or resume the one already here. Returns the key and whether it
+    /// was created now.
+    pub fn create_or_resume_mesh(&self) -> Result<([u8; MESH_KEY_LEN], bool), DataDirError> {
+        if let Some(key) = self.mesh_key()? {
+            return Ok((key, false));
+        }
+        let mut key = [0u8; MESH_KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())?;
+        Ok((key, true))
+    }
+
+    /// Adopt the mesh key of a ticket. Fails if this directory belongs to another mesh.
+    /// Returns whether the directory was new to the mesh.
+    pub fn join_mesh(&self, key: &[u8; MESH_KEY_LEN]) -> Result<bool, DataDirError> {
+        match self.mesh_key()? {
+            Some(have) if &have == key => Ok(false),
+            Some(have) => Err(DataDirError::OtherMesh {
+                path: self.root.clone(),
+                have: mesh_id(&have),
+                want: mesh_id(key),
+            }),
+            None => {
+                write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The API bearer token, created on first use.
+    pub fn api_token(&self) -> Result<String, DataDirError> {
+        let path = self.token_path();
+        if let Some(bytes) = read_optional(&path)? {
+            let token = String::from_utf8_lossy(&bytes).trim().to_string();
+            if token.len() >= 16 {
+                return Ok(token);
+            }
+        }
+        let mut raw = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let token = hex::encode(raw);
+        write_secret(&path, token.as_bytes())?;
+        Ok(token)
+    }
+
+    /// Record the local API URL for the CLI (atomically).
+    pub fn write_api_url(&self, url: &str) -> Result<(), DataDirError> {
+        let path = self.api_url_path();
+        let tmp = self.root.join(".api-url.tmp");
+        fs::write(&tmp, url)
+            .and_then(|_| fs::rename(&tmp, &path))
+            .map_err(|source| DataDirError::Io { path, source })
+    }
+
+    /// Remove the API URL file (on shutdown).
+    pub fn clear_api_url(&self) {
+        let _ = fs::remove_file(self.api_url_path());
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, DataDirError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DataDirError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Write a file readable by the owner only.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let io = |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_mesh_key_persist_with_private_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(dir.path()).unwrap();
+        let id = data.identity().unwrap().public().to_peer_id();
+        let (key, created) = data.create_or_resume_mesh().unwrap();
+        assert!(created);
+        let again = DataDir::open(dir.path()).unwrap();
+        assert_eq!(again.identity().unwrap().public().to_peer_id(), id);
+        assert_eq!(again.create_or_resume_mesh().unwrap(), (key, false));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join("mesh.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn joining_another_mesh_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(dir.path()).unwrap();
+        data.create_or_resume_mesh().unwrap();
+        let err = data.join_mesh(&[7u8; MESH_KEY_LEN]).unwrap_err();
+        assert!(err.to_string().contains("another mesh"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The HTTP API every peer serves: `/api/v1/...` behind a bearer token, the open health
+//! probe, and Prometheus metrics.
+
+mod auth;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::mesh::views::{ActionError, NodeAction};
+use crate::mesh::MeshHandle;
+use crate::metrics::Metrics;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The mesh task.
+    pub mesh: MeshHandle,
+    /// The bearer token.
+    pub token: Arc<String>,
+    /// Metrics to render.
+    pub metrics: Arc<Metrics>,
+}
+
+/// An API error: a status and a message, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ActionError> for ApiError {
+    fn from(e: ActionError) -> Self {
+        let status = match e {
+            ActionError::NotFound(_) => StatusCode::NOT_FOUND,
+            ActionError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ActionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ActionError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {}", e.body_text()),
+        )
+    }
+}
+
+fn unavailable() -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the node is shutting down".into(),
+    )
+}
+
+/// The full router.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/nodes", get(nodes))
+        .route(
+            "/api/v1/nodes/{id}",
+            get(node).patch(edit_node).delete(remove_node),
+        )
+        .route("/api/v1/nodes/{id}/drain", post(drain))
+        .route("/api/v1/nodes/{id}/undrain", post(undrain))
+        .route("/api/v1/nodes/{id}/admit", post(admit))
+        .route("/api/v1/ticket", get(ticket))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let view = s.mesh.status().await.ok_or_else(unavailable)?;
+    Ok(Json(view).into_response())
+}
+
+async fn nodes(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let views = s.mesh.nodes().await.ok_or_else(unavailable)?;
+    Ok(Json(views).into_response())
+}
+
+async fn node(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let views = s.mesh.nodes().await.ok_or_else(unavailable)?;
+    let matching: Vec<_> = views
+        .into_iter()
+        .filter(|n| n.id == id || n.name == id)
+        .collect();
+    match matching.len() {
+        1 => Ok(Json(&matching[0]).into_response()),
+        0 => Err(ActionError::NotFound(id).into()),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("several nodes are named {id:?}; use the node id"),
+        )),
+    }
+}
+
+async fn ticket(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let ticket = s.mesh.ticket().await.ok_or_else(unavailable)?;
+    Ok(Json(json!({ "ticket": ticket })).into_response())
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn act(s: &ApiState, id: String, action: NodeAction) -> Result<Response, ApiError> {
+    let view = s.mesh.node_action(id, action).await?;
+    Ok(Json(view).into_response())
+}
+
+async fn drain(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    act(&s, id, NodeAction::Drain).await
+}
+
+async fn undrain(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    act(&s, id, NodeAction::Undrain).await
+}
+
+async fn admit(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    act(&s, id, NodeAction::Admit).await
+}
+
+async fn remove_node(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    act(&s, id, NodeAction::Remove).await
+}
+
+/// Body of `PATCH /api/v1/nodes/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeEdit {
+    tags: Option<Vec<String>>,
+    slots: Option<u32>,
+}
+
+async fn edit_node(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Json<NodeEdit>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(edit) = body?;
+    act(
+        &s,
+        id,
+        NodeAction::Edit {
+            tags: edit.tags,
+            slots: edit.slots,
+        },
+    )
+    .await
+}

@@ -1,0 +1,25 @@
+//! codex-mesh: run many Codex coding agents on your own servers as one private mesh.
+//!
+//! Module map:
+//! * [`proto`]: pure protocol logic: records and merge rules, clocks, election, voter choice.
+//! * [`store`]: redb persistence, versioned tables.
+//! * [`wire`]: messages between peers, with size limits.
+//! * [`net`]: the libp2p peer (one event loop owns the swarm; a cloneable client talks to it).
+//! * [`mesh`]: the runtime that ties state, store, network and election together.
+//! * [`http`]: the REST API and metrics every peer serves.
+//! * [`cli`]: the command line and its HTTP client.
+//! * [`node`]: node start-up and shutdown.
+//! * [`datadir`], [`ticket`], [`sysinfo`], [`metrics`]: supporting pieces.
+
+pub mod cli;
+pub mod datadir;
+pub mod http;
+pub mod mesh;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod proto;
+pub mod store;
+pub mod sysinfo;
+pub mod ticket;
+pub mod wire;

@@ -1,0 +1,75 @@
+//! [`MeshHandle`]: how the HTTP API asks the mesh task for views and actions.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::views::{ActionError, NodeAction, NodeView, StatusView};
+use super::Input;
+
+/// Requests from the API to the mesh task.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// This node's status.
+    Status(oneshot::Sender<StatusView>),
+    /// All nodes.
+    Nodes(oneshot::Sender<Vec<NodeView>>),
+    /// Apply an action to the node with this id or name.
+    NodeAction {
+        /// Id or name.
+        target: String,
+        /// What to do.
+        action: NodeAction,
+        /// The node after the action.
+        reply: oneshot::Sender<Result<NodeView, ActionError>>,
+    },
+    /// A join ticket for this mesh.
+    Ticket(oneshot::Sender<String>),
+}
+
+/// Cloneable handle to the mesh task.
+#[derive(Clone)]
+pub struct MeshHandle {
+    pub(super) inputs: mpsc::UnboundedSender<Input>,
+}
+
+impl MeshHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::Api(make(tx))).ok()?;
+        rx.await.ok()
+    }
+
+    /// This node's status, or `None` while shutting down.
+    pub async fn status(&self) -> Option<StatusView> {
+        self.ask(ApiRequest::Status).await
+    }
+
+    /// All known nodes.
+    pub async fn nodes(&self) -> Option<Vec<NodeView>> {
+        self.ask(ApiRequest::Nodes).await
+    }
+
+    /// A join ticket.
+    pub async fn ticket(&self) -> Option<String> {
+        self.ask(ApiRequest::Ticket).await
+    }
+
+    /// Apply an operator action to a node.
+    pub async fn node_action(
+        &self,
+        target: String,
+        action: NodeAction,
+    ) -> Result<NodeView, ActionError> {
+        self.ask(|reply| ApiRequest::NodeAction {
+            target,
+            action,
+            reply,
+        })
+        .await
+        .unwrap_or(Err(ActionError::Unavailable))
+    }
+
+    /// Ask the mesh task to stop.
+    pub fn shutdown(&self) {
+        let _ = self.inputs.send(Input::Shutdown);
+    }
+}

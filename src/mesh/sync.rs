@@ -1,0 +1,98 @@
+//! Anti-entropy as the initiator: buckets → digests → records (+ push what the peer wants),
+//! repeated while the peer has more pages.
+
+use libp2p::PeerId;
+
+use super::{Mesh, Purpose};
+use crate::metrics::Metrics;
+use crate::wire::{Request, Response, MAX_RECORDS_PER_MESSAGE};
+
+/// Most rounds one session may run (each round moves one page of records).
+const MAX_ROUNDS: u32 = 64;
+
+impl Mesh {
+    /// Start an anti-entropy session with `peer` unless one is running.
+    pub(super) fn start_sync(&mut self, peer: PeerId) {
+        if self.sync_sessions.contains_key(&peer) {
+            return;
+        }
+        self.sync_sessions.insert(peer, 0);
+        self.send(
+            peer,
+            Request::SyncBuckets(self.state.bucket_summary()),
+            Purpose::SyncBuckets,
+        );
+    }
+
+    fn finish_sync(&mut self, peer: PeerId) {
+        self.sync_sessions.remove(&peer);
+        Metrics::inc(&self.metrics.anti_entropy_rounds);
+    }
+
+    pub(super) fn on_sync_response(&mut self, peer: PeerId, response: Response) {
+        if !self.sync_sessions.contains_key(&peer) {
+            return;
+        }
+        match response {
+            Response::SyncDiffering(buckets) => {
+                if buckets.is_empty() {
+                    self.finish_sync(peer);
+                    return;
+                }
+                if buckets.len() > crate::proto::state::BUCKETS {
+                    Metrics::inc(&self.metrics.wire_dropped);
+                    self.sync_sessions.remove(&peer);
+                    return;
+                }
+                let entries = self.state.digests_in(&buckets);
+                self.send(
+                    peer,
+                    Request::SyncDigests { buckets, entries },
+                    Purpose::SyncDigests,
+                );
+            }
+            Response::SyncRecords {
+                records,
+                want,
+                more,
+            } => {
+                if records.len() > MAX_RECORDS_PER_MESSAGE
+                    || want.len() > crate::wire::MAX_DIGESTS_PER_MESSAGE
+                {
+                    Metrics::inc(&self.metrics.wire_dropped);
+                    self.sync_sessions.remove(&peer);
+                    return;
+                }
+                let changed = self.apply_remote(records);
+                self.metrics
+                    .anti_entropy_records_received
+                    .fetch_add(changed as u64, std::sync::atomic::Ordering::Relaxed);
+                let wanted: Vec<_> = want
+                    .iter()
+                    .filter_map(|k| self.state.get(k).map(|r| (k.clone(), r.clone())))
+                    .collect();
+                for page in wanted.chunks(MAX_RECORDS_PER_MESSAGE) {
+                    self.send(peer, Request::SyncPush(page.to_vec()), Purpose::SyncPush);
+                }
+                let rounds = self.sync_sessions.get(&peer).copied().unwrap_or(0) + 1;
+                if more && rounds < MAX_ROUNDS {
+                    self.sync_sessions.insert(peer, rounds);
+                    self.send(
+                        peer,
+                        Request::SyncBuckets(self.state.bucket_summary()),
+                        Purpose::SyncBuckets,
+                    );
+                } else {
+                    self.finish_sync(peer);
+                }
+            }
+            Response::Refused(reason) => {
+                tracing::info!("{peer} refused anti-entropy: {reason}");
+                self.sync_sessions.remove(&peer);
+            }
+            Response::Ack => {
+                self.sync_sessions.remove(&peer);
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Starting a node: data dir, store, HTTP listener, network, mesh task; then serve until
+//! SIGINT/SIGTERM and shut down cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use thiserror::Error;
+
+use crate::cli::{default_data_dir, NodeArgs};
+use crate::datadir::{mesh_id, DataDir, DataDirError};
+use crate::mesh::{Mesh, MeshConfig};
+use crate::metrics::Metrics;
+use crate::net::NetError;
+use crate::proto::election::Timing;
+use crate::proto::records::validate_tag;
+use crate::store::{Store, StoreError};
+use crate::ticket::{Ticket, TicketError};
+
+/// How the node was started.
+#[derive(Debug)]
+pub enum StartMode {
+    /// `codex-mesh up`: create a mesh the first time, resume afterwards.
+    Up,
+    /// `codex-mesh join <ticket>`.
+    Join(String),
+}
+
+/// Start-up failures, each a one-line explanation with what to do.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// Data directory problem.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// Bad ticket.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Network problem.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The HTTP address cannot be used.
+    #[error("cannot serve the API on {addr}: {reason}; choose another with --http")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// Invalid option.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn validate(args: &NodeArgs) -> Result<(String, Vec<String>), NodeError> {
+    let name = args.name.clone().unwrap_or_else(host_name);
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+        return Err(NodeError::Config(format!(
+            "invalid --name {name:?}: use 1-64 printable characters"
+        )));
+    }
+    let tags: Vec<String> = args
+        .tags
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for tag in &tags {
+        validate_tag(tag).map_err(NodeError::Config)?;
+    }
+    if args.slots > crate::proto::records::MAX_SLOTS {
+        return Err(NodeError::Config(format!(
+            "--slots must be at most {}",
+            crate::proto::records::MAX_SLOTS
+        )));
+    }
+    Ok((name, tags))
+}
+
+/// Run a node until a shutdown signal.
+pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
+    let (name, tags) = validate(&args)?;
+    let ticket = match &mode {
+        StartMode::Join(text) => Some(Ticket::decode(text)?),
+        StartMode::Up => None,
+    };
+    let data = DataDir::open(&args.data_dir.clone().unwrap_or_else(default_data_dir))?;
+    let (mesh_key, fresh) = match &ticket {
+        Some(t) => (t.mesh_key, data.join_mesh(&t.mesh_key)?),
+        None => data.create_or_resume_mesh()?,
+    };
+    let founding = fresh && ticket.is_none();
+    if founding && args.no_master {
+        return Err(NodeError::Config(
+            "the first node of a mesh must be able to hold the master lease: drop --no-master"
+                .into(),
+        ));
+    }
+    let keypair = data.identity()?;
+    let peer_id = keypair.public().to_peer_id();
+    let token = data.api_token()?;
+    let store = Store::open(&data.store_path())?;
+
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .map_err(|e| NodeError::Http {
+            addr: args.http,
+            reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "address in use".to_string()
+            } else {
+                e.to_string()
+            },
+        })?;
+    let http_addr = listener.local_addr().map_err(|e| NodeError::Http {
+        addr: args.http,
+        reason: e.to_string(),
+    })?;
+    let local_url = if http_addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", http_addr.port())
+    } else {
+        format!("http://{http_addr}")
+    };
+    let public_url = if http_addr.ip().is_unspecified() {
+        format!("http://{}:{}", host_name(), http_addr.port())
+    } else {
+        local_url.clone()
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let (client, events, event_loop) =
+        crate::net::build(keypair, mesh_key, &args.listen, metrics.clone())?;
+    let mut bootstrap: Vec<Multiaddr> = ticket.map(|t| t.addrs).unwrap_or_default();
+    bootstrap.extend(args.peers.iter().cloned());
+    let config = MeshConfig {
+        name: name.clone(),
+        tags,
+        slots: args.slots,
+        master_eligible: !args.no_master,
+        founding,
+        bootstrap,
+        api_url: Some(public_url),
+        mesh_id: mesh_id(&mesh_key),
+        mesh_key,
+        timing: Timing::default(),
+        machine: crate::sysinfo::probe(),
+    };
+    let mesh_id = config.mesh_id.clone();
+    let (mesh, handle) = Mesh::new(peer_id, config, store, client, metrics.clone())?;
+    let net_task = tokio::spawn(event_loop.run());
+    let mesh_task = tokio::spawn(mesh.run(events));
+
+    let api = crate::http::router(crate::http::ApiState {
+        mesh: handle.clone(),
+        token: Arc::new(token.clone()),
+        metrics,
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_for_server = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_for_server.wait_for(|stop| *stop).await;
+        };
+        axum::serve(listener, api)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    data.write_api_url(&local_url)?;
+
+    println!(
+        "codex-mesh {}: node {name} ({peer_id})",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!(
+        "  mesh       {mesh_id}{}",
+        if founding { " (new)" } else { "" }
+    );
+    println!("  api        {local_url}");
+    println!("  dashboard  {local_url}/");
+    println!("  token      stored in {}", data.token_path().display());
+    let ticket_handle = handle.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(ticket) = ticket_handle.ticket().await {
+            println!("  join more nodes with:\n    codex-mesh join {ticket}");
+        }
+    });
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    handle.shutdown();
+    let _ = mesh_task.await;
+    net_task.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    data.clear_api_url();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,10 @@
+//! Pure, I/O-free protocol logic: replicated record types and their merge rules, the hybrid
+//! logical clock, anti-entropy summaries, master election and voter selection. Everything
+//! here is deterministic so it can be property-tested and simulated.
+
+pub mod crdt;
+pub mod election;
+pub mod hlc;
+pub mod records;
+pub mod state;
+pub mod voters;

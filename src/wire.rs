@@ -1,0 +1,112 @@
+//! Messages between peers: gossip (ciborium-encoded, best effort) and request-response (the
+//! libp2p CBOR codec). Every inbound message is bounded and validated before use.
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::crdt::NodeId;
+use crate::proto::election;
+use crate::proto::records::Record;
+
+/// Gossipsub topic carrying state deltas and heartbeats.
+pub const STATE_TOPIC: &str = "codex-mesh/state/1";
+/// Request-response protocol name.
+pub const RPC_PROTOCOL: &str = "/codex-mesh/rpc/1";
+/// Largest gossip message we publish or accept (gossipsub's own limit is 64 KiB).
+pub const MAX_GOSSIP_BYTES: usize = 60 * 1024;
+/// Most records in one gossip delta or anti-entropy page.
+pub const MAX_RECORDS_PER_MESSAGE: usize = 256;
+/// Most keys listed in one digest exchange.
+pub const MAX_DIGESTS_PER_MESSAGE: usize = 100_000;
+
+/// A gossip message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gossip {
+    /// Records changed at the sender.
+    Delta(Vec<(String, Record)>),
+    /// "I am alive", sent every second.
+    Heartbeat {
+        /// The sender.
+        node: NodeId,
+        /// Sender's wall clock (Unix ms).
+        at_ms: u64,
+    },
+}
+
+impl Gossip {
+    /// Encode for publishing.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let _ = ciborium::into_writer(self, &mut bytes);
+        bytes
+    }
+
+    /// Decode and bound-check a received message.
+    pub fn decode(bytes: &[u8]) -> Result<Gossip, String> {
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(format!("{} bytes is over the limit", bytes.len()));
+        }
+        let gossip: Gossip = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
+        if let Gossip::Delta(records) = &gossip {
+            if records.len() > MAX_RECORDS_PER_MESSAGE {
+                return Err("too many records".into());
+            }
+        }
+        Ok(gossip)
+    }
+}
+
+/// A request to a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A master-election message (answered with `Response::Ack`).
+    Election(election::Message),
+    /// Anti-entropy step 1: the requester's bucket summary.
+    SyncBuckets(Vec<u64>),
+    /// Anti-entropy step 2: the requester's digests for the buckets that differ.
+    SyncDigests {
+        /// The differing buckets.
+        buckets: Vec<u16>,
+        /// Requester's `(key, digest)` in those buckets.
+        entries: Vec<(String, u64)>,
+    },
+    /// Anti-entropy step 3: records the responder asked for.
+    SyncPush(Vec<(String, Record)>),
+}
+
+impl Request {
+    /// Bound-check a received request.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Request::SyncBuckets(b) if b.len() > 1024 => Err("too many buckets".into()),
+            Request::SyncDigests { buckets, entries }
+                if buckets.len() > 1024 || entries.len() > MAX_DIGESTS_PER_MESSAGE =>
+            {
+                Err("too many digests".into())
+            }
+            Request::SyncPush(r) if r.len() > MAX_RECORDS_PER_MESSAGE => {
+                Err("too many records".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A response from a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Received.
+    Ack,
+    /// Buckets whose summary differs.
+    SyncDiffering(Vec<u16>),
+    /// Records the requester lacks, and keys the responder wants.
+    SyncRecords {
+        /// Records for the requester to merge.
+        records: Vec<(String, Record)>,
+        /// Keys the responder wants pushed.
+        want: Vec<String>,
+        /// More records are waiting: run another round.
+        more: bool,
+    },
+    /// The request was refused (e.g. the sender was removed from the mesh).
+    Refused(String),
+}
