@@ -7,6 +7,9 @@ use codex_mesh::cli::{client, Cli, Command};
 use codex_mesh::node::{self, StartMode};
 use tracing_subscriber::EnvFilter;
 
+/// Log filter for node processes when `RUST_LOG` is unset.
+const NODE_LOG_DEFAULT: &str = "info,libp2p_swarm=warn,libp2p_gossipsub=warn,libp2p_tcp=warn";
+
 fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -33,13 +36,13 @@ fn main() -> ExitCode {
     let result: Result<(), String> = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => {
-                init_logging("info,libp2p=warn");
+                init_logging(NODE_LOG_DEFAULT);
                 node::run(StartMode::Up, args)
                     .await
                     .map_err(|e| e.to_string())
             }
             Command::Join { ticket, node: args } => {
-                init_logging("info,libp2p=warn");
+                init_logging(NODE_LOG_DEFAULT);
                 node::run(StartMode::Join(ticket), args)
                     .await
                     .map_err(|e| e.to_string())

@@ -177,8 +177,8 @@ pub async fn nodes(args: ClientArgs) -> Result<(), ClientError> {
             short(n["id"].as_str().unwrap_or("")),
             n["state"].as_str().unwrap_or(""),
             role,
-            n["slots"],
-            n["cpus"],
+            n["slots"].as_u64().unwrap_or(0),
+            n["cpus"].as_u64().unwrap_or(0),
             n["memory_bytes"].as_f64().unwrap_or(0.0) / 1e9,
             tags.join(",")
         );

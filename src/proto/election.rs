@@ -351,9 +351,10 @@ impl Election {
 
     /// Whether we would grant a vote for a candidate at `term` with `position` now.
     fn would_grant(&self, from: &NodeId, term: u64, position: Position, now: u64) -> bool {
-        let recently_led = self.leader.is_some()
-            && now < self.leader_contact + self.timing.election_min_ms
-            || self.is_leader();
+        // `leader_contact` starts at our own start time: a voter that just restarted may
+        // have acknowledged a leader's heartbeat right before, so it waits as if it had.
+        let recently_led =
+            self.is_leader() || now < self.leader_contact + self.timing.election_min_ms;
         let up_to_date = position >= self.hard.membership.position();
         let vote_free = term > self.hard.term
             || (term == self.hard.term && self.hard.voted_for.as_ref().is_none_or(|v| v == from));
@@ -544,7 +545,14 @@ impl Election {
                     }
                     self.leader_contact = now;
                     self.election_deadline = now + self.random_timeout();
-                    if membership != self.hard.membership {
+                    // Within one term configurations only move forward: a delayed heartbeat
+                    // must not roll back a change we already acknowledged (the leader may have
+                    // counted us to finish it, and the rollback would let an old quorum elect a
+                    // second leader). A configuration made in an earlier term yields to the
+                    // leader's, as an uncommitted Raft log suffix yields to the leader's log.
+                    let newer = membership.position() > self.hard.membership.position();
+                    let from_earlier_term = self.hard.membership.term < term;
+                    if membership != self.hard.membership && (newer || from_earlier_term) {
                         self.hard.membership = membership;
                         out.push(Action::Persist(self.hard.clone()));
                     }
@@ -799,5 +807,54 @@ mod tests {
         assert!(a.is_master(now + 2));
         now += t.lease_ms + 1;
         assert!(!a.is_master(now));
+    }
+
+    #[test]
+    fn a_delayed_heartbeat_does_not_roll_back_a_configuration_of_the_same_term() {
+        let mut b = node("b", &["a", "b", "c"], 0);
+        let heartbeat = |membership: Membership, sent_at: u64| Message::Heartbeat {
+            term: 1,
+            membership,
+            sent_at,
+        };
+        let old = membership(&["a", "b", "c"]);
+        let joint = Membership {
+            term: 1,
+            index: 2,
+            voters: ids(&["a", "b", "c"]),
+            joining: Some(ids(&["a", "b"])),
+        };
+        let new = Membership {
+            term: 1,
+            index: 3,
+            voters: ids(&["a", "b"]),
+            joining: None,
+        };
+        b.step(&"a".into(), heartbeat(joint, 20), 30);
+        b.step(&"a".into(), heartbeat(new.clone(), 40), 50);
+        // The heartbeat sent before the change arrives last.
+        let out = b.step(&"a".into(), heartbeat(old.clone(), 10), 60);
+        assert_eq!(b.membership(), &new);
+        assert!(!out.iter().any(|a| matches!(a, Action::Persist(_))));
+        assert!(out.contains(&Action::Send {
+            to: "a".into(),
+            msg: Message::HeartbeatAck {
+                term: 1,
+                sent_at: 10,
+                ok: true,
+                position: (1, 3),
+            },
+        }));
+        // A leader of a later term still imposes its configuration.
+        b.step(
+            &"c".into(),
+            Message::Heartbeat {
+                term: 2,
+                membership: old.clone(),
+                sent_at: 70,
+            },
+            80,
+        );
+        assert_eq!(b.membership(), &old);
     }
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every check and test: formatting, lints, unit and property tests, the deterministic
+# simulation, and the multi-process tests that start real nodes on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "==> cargo test"
+# Multi-process tests start several nodes each; two at a time keeps a 2-core machine responsive.
+cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-2}"
+echo "==> example smoke run (3 nodes, few samples)"
+cargo build --locked --release --bin codex-mesh --example mesh_bench
+"${CARGO_TARGET_DIR:-target}/release/examples/mesh_bench" --nodes 3 --samples 5 --quick
