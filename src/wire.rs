@@ -58,7 +58,7 @@ impl Gossip {
 /// A request to a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A master-election message (answered with `Response::Ack`).
+    /// A master-election message (answered with `Response::Election` carrying any replies).
     Election(election::Message),
     /// Anti-entropy step 1: the requester's bucket summary.
     SyncBuckets(Vec<u64>),
@@ -96,6 +96,9 @@ impl Request {
 pub enum Response {
     /// Received.
     Ack,
+    /// Election messages answering an election request (replies ride on the response
+    /// instead of opening a stream of their own).
+    Election(Vec<election::Message>),
     /// Buckets whose summary differs.
     SyncDiffering(Vec<u16>),
     /// Records the requester lacks, and keys the responder wants.

@@ -653,9 +653,21 @@ impl Mesh {
         self.liveness.heard(&peer.to_string(), now);
         match request {
             Request::Election(msg) => {
-                let actions = self.election.step(&peer.to_string(), msg, now);
-                self.execute(actions);
-                Response::Ack
+                let from = peer.to_string();
+                let actions = self.election.step(&from, msg, now);
+                let (replies, rest): (Vec<Action>, Vec<Action>) = actions
+                    .into_iter()
+                    .partition(|a| matches!(a, Action::Send { to, .. } if to == &from));
+                // Persist first: a vote must be durable before the candidate learns of it.
+                self.execute(rest);
+                let replies = replies
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::Send { msg, .. } => Some(msg),
+                        Action::Persist(_) => None,
+                    })
+                    .collect();
+                Response::Election(replies)
             }
             Request::SyncBuckets(theirs) => {
                 Response::SyncDiffering(self.state.differing_buckets(&theirs))
@@ -714,6 +726,18 @@ impl Mesh {
 
     fn on_rpc_done(&mut self, peer: PeerId, purpose: Purpose, result: Result<Response, String>) {
         match (purpose, result) {
+            (Purpose::Election, Ok(Response::Election(replies))) => {
+                if replies.len() > 8 {
+                    Metrics::inc(&self.metrics.wire_dropped);
+                    return;
+                }
+                let from = peer.to_string();
+                for msg in replies {
+                    let now = self.now();
+                    let actions = self.election.step(&from, msg, now);
+                    self.execute(actions);
+                }
+            }
             (Purpose::Election | Purpose::SyncPush, _) => {}
             (_, Err(e)) => {
                 tracing::debug!("anti-entropy with {peer} failed: {e}");

@@ -186,7 +186,7 @@ pub fn build(
         .with_behaviour(
             |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
                 let gossip_config = gossipsub::ConfigBuilder::default()
-                    .heartbeat_interval(Duration::from_millis(500))
+                    .heartbeat_interval(Duration::from_secs(1))
                     .mesh_n(4)
                     .mesh_n_low(2)
                     .mesh_n_high(8)
