@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-/// A node is online if heard from within this window.
-pub const ONLINE_WINDOW_MS: u64 = 5_000;
+/// A node is online if heard from within this window (three heartbeat periods).
+pub const ONLINE_WINDOW_MS: u64 = 6_000;
 /// A voter is replaced only after being silent this long.
 pub const VOTER_GRACE_MS: u64 = 30_000;
 
@@ -51,7 +51,7 @@ mod tests {
     fn online_window_and_grace() {
         let mut l = Liveness::default();
         l.heard("a", 100_000);
-        assert!(l.is_online("a", 104_000));
+        assert!(l.is_online("a", 105_000));
         assert!(!l.is_online("a", 106_000));
         assert!(l.recently_seen("a", 120_000));
         assert!(!l.recently_seen("a", 140_000));

@@ -47,11 +47,12 @@ const BOOTSTRAP_META: &str = "bootstrap_peers";
 const SETTINGS_META: &str = "own_settings";
 const HIGHEST_EPOCH_META: &str = "highest_epoch";
 const TICK: Duration = Duration::from_millis(50);
-const HEARTBEAT_EVERY_MS: u64 = 1_000;
+const HEARTBEAT_EVERY_MS: u64 = 2_000;
 const RECORD_REFRESH_EVERY_MS: u64 = 15_000;
 const ANTI_ENTROPY_EVERY_MS: u64 = 5_000;
 const REDIAL_EVERY_MS: u64 = 1_000;
 const VOTER_CHANGE_SETTLE_MS: u64 = 5_000;
+const VOTER_CHECK_EVERY_MS: u64 = 1_000;
 
 /// How a node starts.
 #[derive(Clone, Debug)]
@@ -148,6 +149,7 @@ pub struct Mesh {
     next_record_refresh: u64,
     next_anti_entropy: u64,
     next_redial: u64,
+    next_voter_check: u64,
     rng: u64,
 }
 
@@ -276,6 +278,7 @@ impl Mesh {
             next_record_refresh: RECORD_REFRESH_EVERY_MS,
             next_anti_entropy: ANTI_ENTROPY_EVERY_MS,
             next_redial: 0,
+            next_voter_check: 0,
             rng: seed | 1,
         };
         Ok((mesh, handle))
@@ -334,6 +337,13 @@ impl Mesh {
         let is_master = self.election.is_master(now);
         Metrics::set(&self.metrics.is_master, is_master as u64);
         Metrics::set(&self.metrics.election_term, self.election.term());
+        if is_master {
+            self.publish_lease(now);
+            if now >= self.next_voter_check {
+                self.next_voter_check = now + VOTER_CHECK_EVERY_MS;
+                self.manage_voters(now);
+            }
+        }
         if self.own_record_dirty || now >= self.next_record_refresh {
             self.write_own_record();
         }
@@ -344,9 +354,6 @@ impl Mesh {
                 at_ms: unix_ms(),
             };
             self.client.publish(beat.encode());
-            if is_master {
-                self.master_duties(now);
-            }
             Metrics::set(&self.metrics.records, self.state.len() as u64);
             Metrics::set(&self.metrics.store_bytes, self.store.size_bytes());
         }
@@ -364,7 +371,8 @@ impl Mesh {
         }
     }
 
-    fn master_duties(&mut self, now: u64) {
+    /// Record (once per epoch and voter configuration) that we hold the lease.
+    fn publish_lease(&mut self, now: u64) {
         let term = self.election.term();
         let membership = self.election.membership().clone();
         if self.master_written != Some((term, membership.index)) {
@@ -381,6 +389,11 @@ impl Mesh {
                 self.master_written = Some((term, membership.index));
             }
         }
+    }
+
+    /// Move the voters towards 1, 3 or 5 live master-eligible nodes.
+    fn manage_voters(&mut self, now: u64) {
+        let membership = self.election.membership().clone();
         let settled = self
             .election
             .leader_since()

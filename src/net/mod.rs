@@ -187,9 +187,10 @@ pub fn build(
             |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
                 let gossip_config = gossipsub::ConfigBuilder::default()
                     .heartbeat_interval(Duration::from_secs(1))
-                    .mesh_n(4)
+                    .mesh_n(3)
                     .mesh_n_low(2)
-                    .mesh_n_high(8)
+                    .mesh_n_high(6)
+                    .gossip_lazy(3)
                     .mesh_outbound_min(1)
                     .max_transmit_size(64 * 1024)
                     .validation_mode(gossipsub::ValidationMode::Strict)
@@ -214,7 +215,7 @@ pub fn build(
                 ));
                 let ping = ping::Behaviour::new(
                     ping::Config::new()
-                        .with_interval(Duration::from_secs(5))
+                        .with_interval(Duration::from_secs(15))
                         .with_timeout(Duration::from_secs(10)),
                 );
                 Ok(Behaviour {
