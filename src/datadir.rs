@@ -63,10 +63,18 @@ pub fn mesh_id(key: &[u8; MESH_KEY_LEN]) -> String {
 impl DataDir {
     /// Use (and create) the directory at `root`.
     pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
-        fs::create_dir_all(root).map_err(|source| DataDirError::Io {
+        let io = |source| DataDirError::Io {
             path: root.to_path_buf(),
             source,
-        })?;
+        };
+        let existed = root.exists();
+        fs::create_dir_all(root).map_err(io)?;
+        // The store holds replicated secrets later on: keep the whole directory private.
+        #[cfg(unix)]
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
         Ok(DataDir {
             root: root.to_path_buf(),
         })

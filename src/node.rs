@@ -187,7 +187,6 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         if founding { " (new)" } else { "" }
     );
     println!("  api        {local_url}");
-    println!("  dashboard  {local_url}/");
     println!("  token      stored in {}", data.token_path().display());
     let ticket_handle = handle.clone();
     tokio::spawn(async move {

@@ -425,6 +425,7 @@ pub struct Node {
     data_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     child: Option<Child>,
     api: Option<ApiEndpoint>,
     node_id: Option<String>,
@@ -435,6 +436,17 @@ impl Node {
     ///
     /// Output goes to `<data_dir>/../<name>.log`.
     pub fn spawn(bin: &Path, name: &str, data_dir: &Path, args: Vec<String>) -> Node {
+        Node::spawn_with_env(bin, name, data_dir, args, Vec::new())
+    }
+
+    /// Like [`Node::spawn`], with extra environment variables for the process.
+    pub fn spawn_with_env(
+        bin: &Path,
+        name: &str,
+        data_dir: &Path,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Node {
         let log_path = data_dir
             .parent()
             .expect("a node's data dir has a parent directory")
@@ -445,6 +457,7 @@ impl Node {
             data_dir: data_dir.to_owned(),
             log_path,
             args,
+            envs,
             child: None,
             api: None,
             node_id: None,
@@ -471,6 +484,7 @@ impl Node {
         let child = Command::new(&self.bin)
             .args(&self.args)
             .env("RUST_LOG", rust_log)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)

@@ -1,0 +1,81 @@
+//! Client commands find their node through a `.env` in the working directory, and the node's
+//! own settings come from environment variables as well as flags.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Mesh, Node};
+
+const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
+
+#[test]
+fn dotenv_in_the_working_directory_points_client_commands_at_the_node() {
+    let mesh = Mesh::start(BIN, 1);
+    let node = &mesh.nodes[0];
+    let cwd = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        cwd.path().join(".env"),
+        format!("CODEX_MESH_DATA_DIR={}\n", node.data_dir().display()),
+    )
+    .expect("write .env");
+    let out = Command::new(BIN)
+        .args(["status", "--json"])
+        .current_dir(cwd.path())
+        .env_remove("CODEX_MESH_DATA_DIR")
+        .env("HOME", cwd.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["node_id"].as_str(), Some(node.id()));
+
+    // Without the .env the same command finds no node and says how to fix it.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(BIN)
+        .args(["status"])
+        .current_dir(empty.path())
+        .env_remove("CODEX_MESH_DATA_DIR")
+        .env("HOME", empty.path())
+        .env_remove("XDG_DATA_HOME")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run status");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no running node found"), "{stderr}");
+}
+
+#[test]
+fn node_settings_come_from_environment_variables() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let data = root.path().join("envnode");
+    let mut command_line = vec!["up".to_string()];
+    command_line
+        .extend(["--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0"].map(String::from));
+    let envs = [
+        ("CODEX_MESH_DATA_DIR", data.display().to_string()),
+        ("CODEX_MESH_TAGS", "gpu,linux".to_string()),
+        ("CODEX_MESH_SLOTS", "7".to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    let mut node = Node::spawn_with_env(
+        Path::new(BIN),
+        "envnode",
+        &data,
+        command_line,
+        envs.to_vec(),
+    );
+    node.wait_ready(Duration::from_secs(30));
+    let nodes = node.nodes().expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].tags, vec!["gpu".to_string(), "linux".to_string()]);
+    assert_eq!(nodes[0].slots, 7);
+}
