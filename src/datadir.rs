@@ -43,9 +43,6 @@ pub enum DataDirError {
         /// Mesh id of the ticket.
         want: String,
     },
-    /// `up` was asked to resume but the directory holds no mesh.
-    #[error("the data dir {0} holds no mesh yet: start one with `codex-mesh up` or join one with `codex-mesh join <ticket>`")]
-    NoMesh(PathBuf),
 }
 
 /// A node's data directory.
@@ -148,33 +145,33 @@ impl DataDir {
         Ok(Some(key))
     }
 
-    /// Start a new mesh here, or resume the one already here. Returns the key and whether it
-    /// was created now.
-    pub fn create_or_resume_mesh(&self) -> Result<([u8; MESH_KEY_LEN], bool), DataDirError> {
-        if let Some(key) = self.mesh_key()? {
-            return Ok((key, false));
-        }
-        let mut key = [0u8; MESH_KEY_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut key);
-        write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())?;
-        Ok((key, true))
-    }
-
-    /// Adopt the mesh key of a ticket. Fails if this directory belongs to another mesh.
-    /// Returns whether the directory was new to the mesh.
-    pub fn join_mesh(&self, key: &[u8; MESH_KEY_LEN]) -> Result<bool, DataDirError> {
-        match self.mesh_key()? {
-            Some(have) if &have == key => Ok(false),
-            Some(have) => Err(DataDirError::OtherMesh {
+    /// Which mesh key to use: the ticket's (`Some`) or the one already here. Checks that the
+    /// directory does not belong to another mesh; writes nothing. Returns the key and whether
+    /// it is new to this directory (see [`DataDir::save_mesh_key`]).
+    pub fn choose_mesh_key(
+        &self,
+        ticket_key: Option<&[u8; MESH_KEY_LEN]>,
+    ) -> Result<([u8; MESH_KEY_LEN], bool), DataDirError> {
+        match (self.mesh_key()?, ticket_key) {
+            (Some(have), Some(want)) if &have != want => Err(DataDirError::OtherMesh {
                 path: self.root.clone(),
                 have: mesh_id(&have),
-                want: mesh_id(key),
+                want: mesh_id(want),
             }),
-            None => {
-                write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())?;
-                Ok(true)
+            (Some(have), _) => Ok((have, false)),
+            (None, Some(want)) => Ok((*want, true)),
+            (None, None) => {
+                let mut key = [0u8; MESH_KEY_LEN];
+                rand::rngs::OsRng.fill_bytes(&mut key);
+                Ok((key, true))
             }
         }
+    }
+
+    /// Record that this directory belongs to the mesh of `key`. Called last during start-up,
+    /// so a start that fails earlier leaves the directory as it was.
+    pub fn save_mesh_key(&self, key: &[u8; MESH_KEY_LEN]) -> Result<(), DataDirError> {
+        write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())
     }
 
     /// The API bearer token, created on first use.
@@ -246,11 +243,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::open(dir.path()).unwrap();
         let id = data.identity().unwrap().public().to_peer_id();
-        let (key, created) = data.create_or_resume_mesh().unwrap();
+        let (key, created) = data.choose_mesh_key(None).unwrap();
         assert!(created);
+        assert_eq!(data.mesh_key().unwrap(), None, "choosing writes nothing");
+        data.save_mesh_key(&key).unwrap();
         let again = DataDir::open(dir.path()).unwrap();
         assert_eq!(again.identity().unwrap().public().to_peer_id(), id);
-        assert_eq!(again.create_or_resume_mesh().unwrap(), (key, false));
+        assert_eq!(again.choose_mesh_key(None).unwrap(), (key, false));
+        assert_eq!(again.choose_mesh_key(Some(&key)).unwrap(), (key, false));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -266,8 +266,10 @@ mod tests {
     fn joining_another_mesh_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::open(dir.path()).unwrap();
-        data.create_or_resume_mesh().unwrap();
-        let err = data.join_mesh(&[7u8; MESH_KEY_LEN]).unwrap_err();
+        data.save_mesh_key(&[1u8; MESH_KEY_LEN]).unwrap();
+        let err = data
+            .choose_mesh_key(Some(&[7u8; MESH_KEY_LEN]))
+            .unwrap_err();
         assert!(err.to_string().contains("another mesh"));
     }
 }

@@ -97,10 +97,9 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         StartMode::Up => None,
     };
     let data = DataDir::open(&args.data_dir.clone().unwrap_or_else(default_data_dir))?;
-    let (mesh_key, fresh) = match &ticket {
-        Some(t) => (t.mesh_key, data.join_mesh(&t.mesh_key)?),
-        None => data.create_or_resume_mesh()?,
-    };
+    // Nothing that marks the directory as a member of a mesh is written before every check
+    // that can fail has passed, so a failed first start can simply be retried.
+    let (mesh_key, fresh) = data.choose_mesh_key(ticket.as_ref().map(|t| &t.mesh_key))?;
     let founding = fresh && ticket.is_none();
     if founding && args.no_master {
         return Err(NodeError::Config(
@@ -108,11 +107,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
                 .into(),
         ));
     }
-    let keypair = data.identity()?;
-    let peer_id = keypair.public().to_peer_id();
-    let token = data.api_token()?;
-    let store = Store::open(&data.store_path())?;
-
+    probe_listen(&args.listen)?;
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .map_err(|e| NodeError::Http {
@@ -138,6 +133,10 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         local_url.clone()
     };
 
+    let keypair = data.identity()?;
+    let peer_id = keypair.public().to_peer_id();
+    let token = data.api_token()?;
+    let store = Store::open(&data.store_path())?;
     let metrics = Arc::new(Metrics::default());
     let (client, events, event_loop) =
         crate::net::build(keypair, mesh_key, &args.listen, metrics.clone())?;
@@ -158,6 +157,9 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     };
     let mesh_id = config.mesh_id.clone();
     let (mesh, handle) = Mesh::new(peer_id, config, store, client, metrics.clone())?;
+    if fresh {
+        data.save_mesh_key(&mesh_key)?;
+    }
     let net_task = tokio::spawn(event_loop.run());
     let mesh_task = tokio::spawn(mesh.run(events));
 
@@ -205,6 +207,34 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     data.clear_api_url();
     Ok(())
+}
+
+/// Fail early, with a clear message, if a fixed mesh port is taken: libp2p listens with
+/// `SO_REUSEPORT`, so a second process on the same port would otherwise start silently and
+/// share the incoming connections.
+fn probe_listen(addr: &Multiaddr) -> Result<(), NodeError> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    let port = match parts.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => port,
+        _ => return Ok(()),
+    };
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(NodeError::Net(NetError::Listen {
+            addr: addr.clone(),
+            reason: if e.kind() == std::io::ErrorKind::AddrInUse {
+                "address in use".to_string()
+            } else {
+                e.to_string()
+            },
+        })),
+    }
 }
 
 async fn wait_for_signal() {

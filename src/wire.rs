@@ -23,7 +23,7 @@ pub const MAX_DIGESTS_PER_MESSAGE: usize = 100_000;
 pub enum Gossip {
     /// Records changed at the sender.
     Delta(Vec<(String, Record)>),
-    /// "I am alive", sent every second.
+    /// "I am alive", sent every two seconds.
     Heartbeat {
         /// The sender.
         node: NodeId,

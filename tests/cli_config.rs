@@ -79,3 +79,75 @@ fn node_settings_come_from_environment_variables() {
     assert_eq!(nodes[0].tags, vec!["gpu".to_string(), "linux".to_string()]);
     assert_eq!(nodes[0].slots, 7);
 }
+
+#[test]
+fn a_first_start_that_fails_leaves_the_directory_retryable() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let data = root.path().join("first");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().expect("local addr").port();
+    let taken_http = format!("127.0.0.1:{port}");
+    let taken_p2p = format!("/ip4/127.0.0.1/tcp/{port}");
+    for (flag, listen, http) in [
+        ("--http", "/ip4/127.0.0.1/tcp/0", taken_http.as_str()),
+        ("--listen", taken_p2p.as_str(), "127.0.0.1:0"),
+    ] {
+        let data_dir = data.display().to_string();
+        let args = [
+            "up",
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            listen,
+            "--http",
+            http,
+        ];
+        let out = common::run_cli(Path::new(BIN), &args, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} on a taken port must fail");
+        assert!(stderr.contains("in use"), "{flag}: {stderr}");
+        assert!(
+            !data.join("mesh.key").exists(),
+            "a failed start must not claim a mesh"
+        );
+    }
+    drop(taken);
+
+    // The retry founds the mesh properly: it is the only voter and master at once.
+    let args = common::up_args(&data, "first", &common::NodeOptions::default());
+    let mut node = Node::spawn(Path::new(BIN), "first", &data, args);
+    node.wait_ready(Duration::from_secs(30));
+    let status = common::poll(Duration::from_secs(30), "the node to become master", || {
+        let status = node.status()?;
+        if status.is_master {
+            Ok(status)
+        } else {
+            Err(format!("{status:?}"))
+        }
+    });
+    assert_eq!(status.voters, vec![status.node_id.clone()]);
+}
+
+#[test]
+fn api_errors_are_json_for_unknown_paths_and_methods() {
+    let mesh = Mesh::start(BIN, 1);
+    let node = &mesh.nodes[0];
+    for (method, path, status) in [
+        ("GET", "/api/v1/nope", 404),
+        ("PUT", "/api/v1/status", 405),
+        ("POST", "/api/v1/nodes/nobody/drain", 404),
+    ] {
+        let response = node.api(method, path, None).expect("request");
+        assert_eq!(
+            response.status, status,
+            "{method} {path}: {}",
+            response.body
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(&response.body).expect("JSON error body");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+}

@@ -14,7 +14,7 @@ mod liveness;
 mod sync;
 pub mod views;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -461,9 +461,10 @@ impl Mesh {
 
     // ---- local writes ---------------------------------------------------------------
 
-    /// Apply, persist, then gossip a change made here.
+    /// Persist, apply, then gossip a change made here. Nothing is applied in memory unless
+    /// it is in the store first.
     fn commit_local(&mut self, key: String, record: Record) -> Result<(), ActionError> {
-        let merged = match self.state.apply(&key, &record) {
+        let merged = match self.state.merged(&key, &record) {
             Ok(Some(merged)) => merged,
             Ok(None) => return Ok(()),
             Err(e) => return Err(ActionError::Invalid(e.to_string())),
@@ -471,6 +472,8 @@ impl Mesh {
         self.store
             .put_records(&[(&key, &merged)])
             .map_err(|e| ActionError::Store(e.to_string()))?;
+        let _ = self.state.apply(&key, &merged);
+        self.after_change(&key, &merged);
         let delta = Gossip::Delta(vec![(key, merged)]).encode();
         if delta.len() <= crate::wire::MAX_GOSSIP_BYTES {
             self.client.publish(delta);
@@ -518,16 +521,23 @@ impl Mesh {
 
     // ---- remote changes -------------------------------------------------------------
 
-    /// Merge records from a peer; persist the changed ones in one transaction. Returns how
-    /// many changed.
+    /// Merge records from a peer: the changed ones are persisted in one transaction, then
+    /// applied. If the store refuses the batch, nothing is applied (anti-entropy brings the
+    /// records again later). Returns how many changed.
     fn apply_remote(&mut self, records: Vec<(String, Record)>) -> usize {
         let now_unix = unix_ms();
-        let mut changed: Vec<(String, Record)> = Vec::new();
+        let mut changed: BTreeMap<String, Record> = BTreeMap::new();
         for (key, record) in records {
-            match self.state.apply(&key, &record) {
+            let base = changed.get(&key).cloned();
+            let result = match base {
+                // The same key twice in one batch: merge onto what this batch already has.
+                Some(mut pending) => Ok(pending.merge(&record).then_some(pending)),
+                None => self.state.merged(&key, &record),
+            };
+            match result {
                 Ok(Some(merged)) => {
                     self.clock.observe(record.latest_hlc(), now_unix);
-                    changed.push((key, merged));
+                    changed.insert(key, merged);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -538,9 +548,11 @@ impl Mesh {
         }
         let rows: Vec<(&str, &Record)> = changed.iter().map(|(k, r)| (k.as_str(), r)).collect();
         if let Err(e) = self.store.put_records(&rows) {
-            tracing::error!("cannot persist replicated records: {e}");
+            tracing::error!("cannot persist replicated records, dropping the batch: {e}");
+            return 0;
         }
         for (key, record) in &changed {
+            let _ = self.state.apply(key, record);
             self.after_change(key, record);
         }
         changed.len()
@@ -819,6 +831,15 @@ impl Mesh {
         }
     }
 
+    /// The voters as the newest lease record says (every node has it), or as our own
+    /// configuration says when that is newer or no record exists yet.
+    fn displayed_voters(&self) -> BTreeSet<NodeId> {
+        match self.master_record() {
+            Some(r) if r.epoch >= self.election.term() => r.voters.clone(),
+            _ => self.election.membership().all_voters(),
+        }
+    }
+
     fn status_view(&self) -> StatusView {
         let now = self.now();
         let is_master = self.election.is_master(now);
@@ -851,13 +872,7 @@ impl Mesh {
             .as_ref()
             .and_then(|m| nodes.iter().find(|n| &n.id == m))
             .map(|n| n.name.clone());
-        let voters = if self.election.membership().voters.is_empty() {
-            record
-                .map(|r| r.voters.iter().cloned().collect())
-                .unwrap_or_default()
-        } else {
-            self.election.membership().voters.iter().cloned().collect()
-        };
+        let voters = self.displayed_voters().into_iter().collect();
         StatusView {
             node_id: self.id.clone(),
             name: self.config.name.clone(),
@@ -882,13 +897,7 @@ impl Mesh {
     fn node_views(&self) -> Vec<NodeView> {
         let now = self.now();
         let master = self.status_master_id(now);
-        let voters: BTreeSet<NodeId> = if self.election.membership().voters.is_empty() {
-            self.master_record()
-                .map(|r| r.voters.clone())
-                .unwrap_or_default()
-        } else {
-            self.election.membership().all_voters()
-        };
+        let voters = self.displayed_voters();
         let mut views: Vec<NodeView> = self
             .state
             .with_prefix("node/")
@@ -1046,10 +1055,7 @@ impl Mesh {
         };
         let key = Key::Admin(id.clone()).encode();
         let record = Record::Admin(admin);
-        self.commit_local(key.clone(), record.clone())?;
-        if let Some(merged) = self.state.get(&key).cloned() {
-            self.after_change(&key, &merged);
-        }
+        self.commit_local(key, record)?;
         if let Ok(peer) = PeerId::from_str(&id) {
             if !self.admin_flag(&id, |a| &a.removed) {
                 self.redial.remove(&peer);
@@ -1057,7 +1063,7 @@ impl Mesh {
         }
         let now = self.now();
         let master = self.status_master_id(now);
-        let voters = self.election.membership().all_voters();
+        let voters = self.displayed_voters();
         match self.state.get(&Key::Node(id.clone()).encode()) {
             Some(Record::Node(info)) => {
                 Ok(self.node_view(&info.value.clone(), now, master.as_ref(), &voters))

@@ -90,6 +90,20 @@ impl ReplicatedState {
         }
     }
 
+    /// What `apply` would store under `key`, without changing anything: the merged record
+    /// when it differs from the current one. Lets the caller persist before applying.
+    pub fn merged(&self, key: &str, record: &Record) -> Result<Option<Record>, RecordError> {
+        let parsed = Key::parse(key)?;
+        record.validate(&parsed)?;
+        match self.entries.get(key) {
+            Some(entry) => {
+                let mut merged = entry.record.clone();
+                Ok(merged.merge(record).then_some(merged))
+            }
+            None => Ok(Some(record.clone())),
+        }
+    }
+
     /// The record under `key`.
     pub fn get(&self, key: &str) -> Option<&Record> {
         self.entries.get(key).map(|e| &e.record)
@@ -268,6 +282,23 @@ mod tests {
         assert!(state.apply("bogus", &admin_record(1, true)).is_err());
         assert!(state.apply("master", &admin_record(1, true)).is_err());
         assert!(state.is_empty());
+    }
+
+    #[test]
+    fn merged_previews_without_changing_the_state() {
+        let mut state = ReplicatedState::default();
+        let record = admin_record(1, true);
+        assert_eq!(
+            state.merged("admin/a", &record).unwrap(),
+            Some(record.clone())
+        );
+        assert!(state.is_empty());
+        state.apply("admin/a", &record).unwrap();
+        assert_eq!(state.merged("admin/a", &record).unwrap(), None);
+        assert_eq!(
+            state.merged("admin/a", &admin_record(2, false)).unwrap(),
+            Some(admin_record(2, false))
+        );
     }
 
     #[test]
