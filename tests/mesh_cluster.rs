@@ -527,3 +527,42 @@ fn worker_only_node_never_becomes_master() {
     });
     assert!(answers > 0, "worker-only node stopped answering");
 }
+
+#[test]
+fn known_peers_bootstrap_a_restart_without_the_ticket_peer() {
+    // n2 and n3 joined through n1's ticket. After everyone stops, they come back while n1
+    // stays down: they must find each other through the peers they stored, and as two of
+    // three voters they elect a master among themselves.
+    let specs: Vec<(String, NodeOptions)> = (1..=3)
+        .map(|i| {
+            let opts = NodeOptions {
+                p2p_port: free_port(),
+                extra: Vec::new(),
+            };
+            (format!("n{i}"), opts)
+        })
+        .collect();
+    let mut mesh = Mesh::start_with(BIN, specs);
+    let before = mesh.wait_converged(&mesh.all(), TRIO);
+    for node in &mut mesh.nodes {
+        let status = node.terminate(SHUTDOWN_TIMEOUT);
+        assert!(status.success(), "{} exited with {status}", node.name);
+    }
+    // The joiners restart with their original `join <ticket>` command line; the ticket
+    // only names n1, which is down.
+    for i in [1, 2] {
+        mesh.nodes[i].restart();
+    }
+    let live = [1, 2];
+    let after = poll(CONVERGE_TIMEOUT, "a master among n2 and n3", || {
+        let statuses = mesh.statuses(&live)?;
+        mesh.agreement(&statuses, live.len(), |s| {
+            s.epoch > before.epoch && s.master.as_deref() != Some(mesh.nodes[0].id())
+        })
+    });
+    assert_ne!(after.master, mesh.nodes[0].id());
+    let peers = mesh.nodes[1]
+        .metric("codex_mesh_peers_connected")
+        .expect("metrics");
+    assert!(peers >= 1.0, "n2 reconnected to n3 (peers {peers})");
+}
