@@ -349,6 +349,20 @@ impl Election {
         self.eligible && self.hard.membership.is_voter(&self.id)
     }
 
+    /// Whether to campaign although we are no voter, because a voter of our configuration
+    /// campaigns with an older one. That happens when a leader finished a voter change that
+    /// left itself out and lost its lease before the new voters heard of the end: they cannot
+    /// win with the old configuration (its voters refuse them as out of date), and only a
+    /// leader hands configurations on. So we campaign (as any Raft server may) to lead them.
+    fn should_step_in(&self, from: &NodeId, position: Position) -> bool {
+        let m = &self.hard.membership;
+        self.eligible
+            && !self.is_leader()
+            && !m.is_voter(&self.id)
+            && m.is_voter(from)
+            && position < m.position()
+    }
+
     /// Whether we would grant a vote for a candidate at `term` with `position` now.
     fn would_grant(&self, from: &NodeId, term: u64, position: Position, now: u64) -> bool {
         // `leader_contact` starts at our own start time: a voter that just restarted may
@@ -472,12 +486,14 @@ impl Election {
         match msg {
             Message::PreVote { term, position } => {
                 let granted = term >= self.hard.term && self.would_grant(from, term, position, now);
-                let term = if granted {
-                    term
-                } else {
-                    self.hard.term.max(term)
-                };
+                // A refusal carries our own term: echoing the term asked about would make the
+                // pre-candidate adopt it, raising terms without an election, which is what
+                // pre-vote is there to prevent.
+                let term = if granted { term } else { self.hard.term };
                 reply(Message::PreVoteReply { term, granted }, &mut out);
+                if self.should_step_in(from, position) {
+                    self.start_pre_vote(now, &mut out);
+                }
             }
             Message::PreVoteReply { term, granted } => {
                 if !granted {
@@ -856,5 +872,114 @@ mod tests {
             80,
         );
         assert_eq!(b.membership(), &old);
+    }
+
+    #[test]
+    fn a_refused_pre_vote_does_not_raise_the_candidates_term() {
+        let t = Timing::default();
+        let voters = ["a", "b", "c"];
+        let heartbeat = Message::Heartbeat {
+            term: 1,
+            membership: membership(&voters),
+            sent_at: 10,
+        };
+        let mut b = node("b", &voters, 0);
+        let mut c = node("c", &voters, 0);
+        c.step(&"a".into(), heartbeat.clone(), 10);
+        // c loses the leader and asks b, which still hears from it.
+        let now = 10 + t.election_max_ms + 1;
+        b.step(&"a".into(), heartbeat, now - 100);
+        let asked = c.tick(now);
+        assert!(asked.contains(&Action::Send {
+            to: "b".into(),
+            msg: Message::PreVote {
+                term: 2,
+                position: (0, 1)
+            }
+        }));
+        let refusal = Message::PreVoteReply {
+            term: 1,
+            granted: false,
+        };
+        let out = b.step(
+            &"c".into(),
+            Message::PreVote {
+                term: 2,
+                position: (0, 1),
+            },
+            now,
+        );
+        assert_eq!(
+            out,
+            vec![Action::Send {
+                to: "c".into(),
+                msg: refusal.clone()
+            }]
+        );
+        assert!(c.step(&"b".into(), refusal, now).is_empty());
+        assert_eq!(c.term(), 1);
+    }
+
+    /// Deliver `actions` of `from` and everything they cause, at once, between `nodes`.
+    fn deliver(nodes: &mut BTreeMap<NodeId, Election>, from: &str, actions: Vec<Action>, now: u64) {
+        let mut queue: Vec<(NodeId, NodeId, Message)> = Vec::new();
+        let sends =
+            |from: &str, actions: Vec<Action>, queue: &mut Vec<(NodeId, NodeId, Message)>| {
+                for action in actions {
+                    if let Action::Send { to, msg } = action {
+                        queue.push((from.to_string(), to, msg));
+                    }
+                }
+            };
+        sends(from, actions, &mut queue);
+        while !queue.is_empty() {
+            let (from, to, msg) = queue.remove(0);
+            if let Some(node) = nodes.get_mut(&to) {
+                let out = node.step(&from, msg, now);
+                sends(&to, out, &mut queue);
+            }
+        }
+    }
+
+    #[test]
+    fn a_voter_that_missed_the_end_of_a_change_is_brought_up_to_date() {
+        // b, leader of term 2, began moving the voters from {a, b, c} to {b}. c won term 3,
+        // finished the change and lost its lease; b was down then and restarted holding the
+        // joint configuration, which a and c refuse as out of date.
+        let joint = Membership {
+            term: 2,
+            index: 4,
+            voters: ids(&["a", "b", "c"]),
+            joining: Some(ids(&["b"])),
+        };
+        let done = Membership {
+            term: 3,
+            index: 5,
+            voters: ids(&["b"]),
+            joining: None,
+        };
+        let mut nodes = BTreeMap::new();
+        for (id, membership, seed) in [("a", &done, 3), ("b", &joint, 5), ("c", &done, 9)] {
+            let hard = HardState {
+                term: 3,
+                voted_for: Some("c".into()),
+                membership: membership.clone(),
+            };
+            let election = Election::new(id.into(), hard, Timing::default(), true, 0, seed);
+            nodes.insert(id.to_string(), election);
+        }
+        let mut now = 0;
+        while now < 20_000 && !nodes.values().any(|e| e.is_master(now)) {
+            now += 50;
+            for id in ["a", "b", "c"] {
+                let out = nodes.get_mut(id).map(|e| e.tick(now)).unwrap_or_default();
+                deliver(&mut nodes, id, out, now);
+            }
+        }
+        assert!(
+            nodes.values().any(|e| e.is_master(now)),
+            "no master after {now} ms"
+        );
+        assert!(nodes["b"].membership().position() >= done.position());
     }
 }
