@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Run every check and test: formatting, lints, unit and property tests, the deterministic
-# simulation, and the multi-process tests that start real nodes on loopback.
+# simulation, the multi-process tests that start real nodes on loopback, and a short run of
+# the benchmark (to prove it works; its figures are not meaningful in a debug build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -10,6 +14,16 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 # Multi-process tests start several nodes each; two at a time keeps a 2-core machine responsive.
-cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-2}"
-echo "==> benchmark smoke run (debug build, 3 nodes, few samples; figures not meaningful)"
+set +e
+cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-2}" 2>&1 | tee "$log"
+tests_status=${PIPESTATUS[0]}
+set -e
+totals=$(grep -o 'test result: [a-zA-Z]*\. [0-9]* passed; [0-9]* failed' "$log" \
+  | awk '{p += $4; f += $6} END {printf "%d passed, %d failed", p, f}')
+if [ "$tests_status" -ne 0 ]; then
+  echo "tests: $totals"
+  exit "$tests_status"
+fi
+echo "==> benchmark smoke run (debug build, 3 nodes, few samples)"
 "${CARGO_TARGET_DIR:-target}/debug/examples/mesh_bench" --nodes 3 --samples 5
+echo "tests: $totals"
