@@ -34,7 +34,7 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 150,
+            heartbeat_ms: 250,
             lease_ms: 900,
             election_min_ms: 1_200,
             election_max_ms: 1_800,
