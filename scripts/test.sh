@@ -25,5 +25,6 @@ if [ "$tests_status" -ne 0 ]; then
   exit "$tests_status"
 fi
 echo "==> benchmark smoke run (debug build, 3 nodes, few samples)"
+cargo build --locked --bin codex-mesh --example mesh_bench
 "${CARGO_TARGET_DIR:-target}/debug/examples/mesh_bench" --nodes 3 --samples 5
 echo "tests: $totals"
