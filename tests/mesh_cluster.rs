@@ -265,11 +265,10 @@ fn restarted_node_catches_up_by_anti_entropy() {
     );
 }
 
-#[test]
-fn full_restart_keeps_state() {
-    // Fixed p2p ports: after a full restart the nodes find each other again
-    // through the addresses they stored.
-    let specs: Vec<(String, NodeOptions)> = (1..=3)
+/// Specs for n1..n3 on fixed p2p ports, so that after a full restart the nodes can find each
+/// other again through the addresses they stored.
+fn fixed_port_trio() -> Vec<(String, NodeOptions)> {
+    (1..=3)
         .map(|i| {
             let opts = NodeOptions {
                 p2p_port: free_port(),
@@ -277,7 +276,12 @@ fn full_restart_keeps_state() {
             };
             (format!("n{i}"), opts)
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn full_restart_keeps_state() {
+    let specs = fixed_port_trio();
     let mut mesh = Mesh::start_with(BIN, specs.clone());
     mesh.wait_converged(&mesh.all(), TRIO);
     let ids_before: Vec<String> = mesh.nodes.iter().map(|n| n.id().to_owned()).collect();
@@ -533,15 +537,7 @@ fn known_peers_bootstrap_a_restart_without_the_ticket_peer() {
     // n2 and n3 joined through n1's ticket. After everyone stops, they come back while n1
     // stays down: they must find each other through the peers they stored, and as two of
     // three voters they elect a master among themselves.
-    let specs: Vec<(String, NodeOptions)> = (1..=3)
-        .map(|i| {
-            let opts = NodeOptions {
-                p2p_port: free_port(),
-                extra: Vec::new(),
-            };
-            (format!("n{i}"), opts)
-        })
-        .collect();
+    let specs = fixed_port_trio();
     let mut mesh = Mesh::start_with(BIN, specs);
     let before = mesh.wait_converged(&mesh.all(), TRIO);
     for node in &mut mesh.nodes {
