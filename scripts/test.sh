@@ -27,4 +27,6 @@ fi
 echo "==> benchmark smoke run (debug build, 3 nodes, few samples)"
 cargo build --locked --bin codex-mesh --example mesh_bench
 "${CARGO_TARGET_DIR:-target}/debug/examples/mesh_bench" --nodes 3 --samples 5
+echo "==> examples/local_mesh.sh"
+examples/local_mesh.sh
 echo "tests: $totals"
