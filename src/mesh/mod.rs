@@ -583,7 +583,7 @@ impl Mesh {
                     let _ = self.store.put_meta(HIGHEST_EPOCH_META, &epoch);
                 }
             }
-            Record::Node(_) => {}
+            Record::Node(_) | Record::Job(_) => {}
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod crdt;
 pub mod election;
 pub mod hlc;
+pub mod jobs;
 pub mod records;
 pub mod state;
 pub mod voters;

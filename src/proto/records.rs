@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::crdt::{Crdt, Lww, MaxReg, NodeId, Stamp};
+use super::jobs::JobRecord;
 
 /// Longest accepted key, node name, tag, address or free-text field, in bytes.
 pub const MAX_TEXT_LEN: usize = 256;
@@ -109,6 +110,8 @@ pub enum Record {
     Admin(NodeAdmin),
     /// The master lease holder, key `master`.
     Master(MaxReg<MasterInfo>),
+    /// A job, key `job/<id>`.
+    Job(Box<JobRecord>),
 }
 
 /// The key under which a record lives.
@@ -120,6 +123,8 @@ pub enum Key {
     Admin(NodeId),
     /// `master`
     Master,
+    /// `job/<id>`
+    Job(String),
 }
 
 impl Key {
@@ -129,6 +134,7 @@ impl Key {
             Key::Node(id) => format!("node/{id}"),
             Key::Admin(id) => format!("admin/{id}"),
             Key::Master => "master".to_string(),
+            Key::Job(id) => format!("job/{id}"),
         }
     }
 
@@ -140,6 +146,7 @@ impl Key {
         let key = match text.split_once('/') {
             Some(("node", id)) if valid_id(id) => Key::Node(id.to_string()),
             Some(("admin", id)) if valid_id(id) => Key::Admin(id.to_string()),
+            Some(("job", id)) if valid_id(id) => Key::Job(id.to_string()),
             None if text == "master" => Key::Master,
             _ => return Err(RecordError::BadKey(truncate(text))),
         };
@@ -174,6 +181,7 @@ impl Record {
             (Record::Node(a), Record::Node(b)) => a.merge(b),
             (Record::Admin(a), Record::Admin(b)) => a.merge(b),
             (Record::Master(a), Record::Master(b)) => a.merge(b),
+            (Record::Job(a), Record::Job(b)) => a.merge(b),
             _ => false,
         }
     }
@@ -219,6 +227,7 @@ impl Record {
                 }
                 Ok(())
             }
+            (Key::Job(id), Record::Job(job)) => job.validate(id).map_err(|r| invalid(&r)),
             _ => Err(RecordError::KindMismatch(key.encode())),
         }
     }
@@ -283,6 +292,7 @@ impl Record {
             Record::Node(info) => info.stamp.at,
             Record::Admin(admin) => stamps(admin),
             Record::Master(_) => super::hlc::Hlc::default(),
+            Record::Job(job) => job.progress.0.stamp.at,
         }
     }
 }

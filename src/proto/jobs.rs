@@ -1,0 +1,523 @@
+//! Jobs as replicated records: a write-once spec, an assignment ordered by (epoch, seq) and
+//! written only by the master, and a progress register whose merge only moves forward.
+//!
+//! Progress order (larger wins): attempt, then terminal over non-terminal, then the assignment
+//! it belongs to, then the status rank, then the stamp. So within one attempt a terminal state
+//! absorbs everything, a worker's report for an older assignment loses to the current one, and
+//! a retry (a new attempt) starts over from `queued`.
+
+use serde::{Deserialize, Serialize};
+
+use super::crdt::{Crdt, MaxReg, NodeId, Stamp};
+use super::records::MAX_TEXT_LEN;
+
+/// Longest accepted prompt, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Most repositories per job.
+pub const MAX_REPOS: usize = 16;
+/// Longest accepted wall-clock timeout.
+pub const MAX_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
+
+/// Where a job may run.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum Target {
+    /// Any node with a free slot.
+    Any,
+    /// One node, by id or name.
+    Node(String),
+    /// Any node carrying the tag.
+    Tag(String),
+}
+
+/// A repository to clone into the job's work directory.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RepoSpec {
+    /// `owner/name` (GitHub), an `http(s)://` or `ssh://` / `git@host:` URL, or a local path.
+    pub source: String,
+    /// Branch to check out (default branch when absent).
+    pub branch: Option<String>,
+}
+
+/// Codex sandbox modes.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sandbox {
+    /// Read-only file system access.
+    ReadOnly,
+    /// Writes inside the work directory only (the default).
+    #[default]
+    WorkspaceWrite,
+    /// No sandbox.
+    DangerFullAccess,
+}
+
+/// Where a job came from, and where to answer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    /// `cli`, `api`, `dashboard`, `telegram` or `slack`.
+    pub kind: String,
+    /// Chat/thread address for the completion message, if any.
+    pub reply_to: Option<String>,
+    /// Who asked (chat user id), if known.
+    pub user: Option<String>,
+}
+
+/// What to do. Written once at submission and never changed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Job id (ULID).
+    pub id: String,
+    /// Where it may run.
+    pub target: Target,
+    /// Repositories to clone.
+    pub repos: Vec<RepoSpec>,
+    /// The prompt.
+    pub prompt: String,
+    /// Agent name (`codex` or one the operator defines).
+    pub agent: String,
+    /// Model override.
+    pub model: Option<String>,
+    /// Sandbox mode for the agent.
+    pub sandbox: Sandbox,
+    /// Wall-clock limit in seconds.
+    pub timeout_secs: u32,
+    /// Limit on silence from the agent in seconds.
+    pub idle_timeout_secs: u32,
+    /// Origin and reply address.
+    pub origin: Origin,
+    /// Node that accepted the submission.
+    pub submitted_via: NodeId,
+    /// Submission time (Unix ms): the scheduler's FIFO order.
+    pub submitted_at_ms: u64,
+}
+
+/// Which node runs an attempt. Written only by the master; a later (epoch, seq) wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Lease epoch of the master that assigned.
+    pub epoch: u64,
+    /// The master's sequence number within the epoch.
+    pub seq: u64,
+    /// Attempt this assignment is for.
+    pub attempt: u32,
+    /// The node.
+    pub node: NodeId,
+}
+
+impl Assignment {
+    /// The order key of this assignment.
+    pub fn key(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
+    }
+}
+
+/// Job status, in the order it may move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting for a node.
+    Queued,
+    /// Given to a node.
+    Assigned,
+    /// The node prepares the work directory and clones.
+    Preparing,
+    /// The agent runs.
+    Running,
+    /// Finished with success.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+    /// Stopped by the wall-clock or idle limit.
+    TimedOut,
+    /// Its node went away.
+    Lost,
+}
+
+impl JobStatus {
+    /// Whether no further change happens within the attempt.
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 4
+    }
+
+    /// Position in the forward-only order; all terminal states share the last rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            JobStatus::Queued => 0,
+            JobStatus::Assigned => 1,
+            JobStatus::Preparing => 2,
+            JobStatus::Running => 3,
+            _ => 4,
+        }
+    }
+
+    /// Parse the snake_case name.
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        serde_json::from_value(serde_json::Value::String(text.to_string())).ok()
+    }
+}
+
+/// Lines changed in one file.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FileDiff {
+    /// Path relative to the repository.
+    pub path: String,
+    /// Added lines.
+    pub added: u32,
+    /// Removed lines.
+    pub removed: u32,
+}
+
+/// The change an attempt made to one repository.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RepoDiff {
+    /// The repository as given in the spec.
+    pub source: String,
+    /// Files changed.
+    pub files: Vec<FileDiff>,
+}
+
+/// Token usage reported by the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Usage {
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+}
+
+/// What a finished attempt produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Agent process exit code.
+    pub exit_code: Option<i32>,
+    /// The agent's final message.
+    pub final_message: Option<String>,
+    /// Per-repository diff summary.
+    pub diffs: Vec<RepoDiff>,
+    /// Token usage.
+    pub usage: Option<Usage>,
+    /// Wall-clock duration in ms.
+    pub duration_ms: u64,
+}
+
+/// Where an attempt stands.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Progress {
+    /// Attempt number (1 for the first).
+    pub attempt: u32,
+    /// `(epoch, seq)` of the assignment this report belongs to; `(0, 0)` before any.
+    pub assignment: (u64, u64),
+    /// The status.
+    pub status: JobStatus,
+    /// Why, for failures, cancellations, losses and waits.
+    pub reason: Option<String>,
+    /// The outcome, once terminal.
+    pub result: Option<JobResult>,
+    /// Who wrote this, and when.
+    pub stamp: Stamp,
+}
+
+impl Progress {
+    fn order_key(&self) -> (u32, bool, (u64, u64), u8, &Stamp) {
+        (
+            self.attempt,
+            self.status.is_terminal(),
+            self.assignment,
+            self.status.rank(),
+            &self.stamp,
+        )
+    }
+}
+
+impl PartialOrd for Progress {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Progress {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order_key()
+            .cmp(&other.order_key())
+            // Identical keys come only from one writer reusing a stamp; stay deterministic.
+            .then_with(|| self.status.cmp(&other.status))
+            .then_with(|| self.reason.cmp(&other.reason))
+            .then_with(|| self.result.cmp(&other.result))
+    }
+}
+
+/// A job record, key `job/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// What to do.
+    pub spec: JobSpec,
+    /// Current assignment.
+    pub assignment: Option<MaxReg<Assignment>>,
+    /// Current progress.
+    pub progress: MaxReg<Progress>,
+}
+
+impl Crdt for JobRecord {
+    fn merge(&mut self, other: &Self) -> bool {
+        // The spec is written once; two different specs under one id can only come from a
+        // faulty writer, and the smaller one wins everywhere.
+        let spec = if other.spec < self.spec {
+            self.spec = other.spec.clone();
+            true
+        } else {
+            false
+        };
+        let assignment = self.assignment.merge(&other.assignment);
+        let progress = self.progress.merge(&other.progress);
+        spec | assignment | progress
+    }
+}
+
+impl JobRecord {
+    /// Check bounds before a record from anywhere is accepted.
+    pub fn validate(&self, id: &str) -> Result<(), String> {
+        let spec = &self.spec;
+        if spec.id != id {
+            return Err("job id differs from key".into());
+        }
+        if spec.prompt.is_empty() || spec.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(format!("prompt must be 1 to {MAX_PROMPT_BYTES} bytes"));
+        }
+        if spec.repos.len() > MAX_REPOS {
+            return Err(format!("at most {MAX_REPOS} repositories"));
+        }
+        let texts = spec
+            .repos
+            .iter()
+            .flat_map(|r| std::iter::once(&r.source).chain(r.branch.iter()))
+            .chain([&spec.agent, &spec.origin.kind])
+            .chain(spec.model.iter());
+        for text in texts {
+            if text.len() > MAX_TEXT_LEN {
+                return Err("a field is too long".into());
+            }
+        }
+        if spec.timeout_secs == 0 || spec.timeout_secs > MAX_TIMEOUT_SECS {
+            return Err("timeout out of range".into());
+        }
+        let result_size = self.progress.0.result.as_ref().map_or(0, |r| {
+            r.final_message.as_ref().map_or(0, String::len) + r.diffs.len() * 64
+        });
+        if result_size > 1 << 20 {
+            return Err("result too large".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::crdt::laws;
+    use super::super::hlc::Hlc;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec(prompt: &str) -> JobSpec {
+        JobSpec {
+            id: "01J0000000000000000000000A".into(),
+            target: Target::Any,
+            repos: vec![],
+            prompt: prompt.into(),
+            agent: "codex".into(),
+            model: None,
+            sandbox: Sandbox::WorkspaceWrite,
+            timeout_secs: 600,
+            idle_timeout_secs: 120,
+            origin: Origin {
+                kind: "cli".into(),
+                reply_to: None,
+                user: None,
+            },
+            submitted_via: "n1".into(),
+            submitted_at_ms: 1,
+        }
+    }
+
+    fn status() -> impl Strategy<Value = JobStatus> {
+        prop_oneof![
+            Just(JobStatus::Queued),
+            Just(JobStatus::Assigned),
+            Just(JobStatus::Preparing),
+            Just(JobStatus::Running),
+            Just(JobStatus::Succeeded),
+            Just(JobStatus::Failed),
+            Just(JobStatus::Cancelled),
+            Just(JobStatus::Lost),
+        ]
+    }
+
+    fn progress() -> impl Strategy<Value = Progress> {
+        (1u32..3, 0u64..3, status(), 0u64..4, "[ab]").prop_map(|(attempt, epoch, status, t, by)| {
+            Progress {
+                attempt,
+                assignment: (epoch, 1),
+                status,
+                reason: None,
+                result: None,
+                stamp: Stamp {
+                    at: Hlc {
+                        wall_ms: t,
+                        logical: 0,
+                    },
+                    by,
+                },
+            }
+        })
+    }
+
+    fn record() -> impl Strategy<Value = JobRecord> {
+        let assignment =
+            proptest::option::of((0u64..3, 0u64..3, "[xy]").prop_map(|(epoch, seq, node)| {
+                MaxReg(Assignment {
+                    epoch,
+                    seq,
+                    attempt: 1,
+                    node,
+                })
+            }));
+        (prop_oneof![Just("a"), Just("b")], assignment, progress()).prop_map(
+            |(p, assignment, progress)| JobRecord {
+                spec: spec(p),
+                assignment,
+                progress: MaxReg(progress),
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn job_records_obey_the_merge_laws(a in record(), b in record(), c in record()) {
+            laws::commutative(&a, &b);
+            laws::associative(&a, &b, &c);
+            laws::idempotent(&a);
+        }
+
+        #[test]
+        fn a_terminal_state_absorbs_its_attempt(done in progress(), other in progress()) {
+            prop_assume!(done.status.is_terminal() && other.attempt <= done.attempt);
+            let mut reg = MaxReg(done.clone());
+            reg.merge(&MaxReg(other));
+            prop_assert!(reg.0.status.is_terminal());
+            prop_assert_eq!(reg.0.attempt, done.attempt);
+        }
+
+        #[test]
+        fn status_never_moves_backwards_within_an_assignment(
+            a in progress(),
+            later in status(),
+            t in 0u64..4,
+        ) {
+            let mut b = a.clone();
+            b.status = later;
+            b.stamp.at.wall_ms = t;
+            let mut reg = MaxReg(a.clone());
+            reg.merge(&MaxReg(b.clone()));
+            prop_assert!(reg.0.status.rank() >= a.status.rank().max(b.status.rank()));
+        }
+    }
+
+    #[test]
+    fn a_stale_assignments_report_loses_to_the_current_one() {
+        let at = |t| Stamp {
+            at: Hlc {
+                wall_ms: t,
+                logical: 0,
+            },
+            by: "w".into(),
+        };
+        let stale_running = Progress {
+            attempt: 1,
+            assignment: (1, 1),
+            status: JobStatus::Running,
+            reason: None,
+            result: None,
+            stamp: at(9),
+        };
+        let reassigned = Progress {
+            attempt: 1,
+            assignment: (2, 1),
+            status: JobStatus::Assigned,
+            reason: None,
+            result: None,
+            stamp: at(5),
+        };
+        let mut reg = MaxReg(reassigned.clone());
+        assert!(!reg.merge(&MaxReg(stale_running)));
+        assert_eq!(reg.0, reassigned);
+    }
+
+    #[test]
+    fn a_retry_starts_a_new_attempt_from_queued() {
+        let stamp = Stamp {
+            at: Hlc {
+                wall_ms: 1,
+                logical: 0,
+            },
+            by: "m".into(),
+        };
+        let failed = Progress {
+            attempt: 1,
+            assignment: (1, 1),
+            status: JobStatus::Failed,
+            reason: Some("clone failed".into()),
+            result: None,
+            stamp: stamp.clone(),
+        };
+        let retry = Progress {
+            attempt: 2,
+            assignment: (0, 0),
+            status: JobStatus::Queued,
+            reason: None,
+            result: None,
+            stamp,
+        };
+        let mut reg = MaxReg(failed);
+        assert!(reg.merge(&MaxReg(retry.clone())));
+        assert_eq!(reg.0, retry);
+    }
+
+    #[test]
+    fn validation_refuses_bad_specs() {
+        let good = JobRecord {
+            spec: spec("fix the bug"),
+            assignment: None,
+            progress: MaxReg(Progress {
+                attempt: 1,
+                assignment: (0, 0),
+                status: JobStatus::Queued,
+                reason: None,
+                result: None,
+                stamp: Stamp {
+                    at: Hlc::default(),
+                    by: "n1".into(),
+                },
+            }),
+        };
+        assert!(good.validate(&good.spec.id).is_ok());
+        assert!(good.validate("other").is_err());
+        let mut empty = good.clone();
+        empty.spec.prompt.clear();
+        assert!(empty.validate(&good.spec.id).is_err());
+        let mut huge = good;
+        huge.spec.prompt = "x".repeat(MAX_PROMPT_BYTES + 1);
+        assert!(huge.validate(&huge.spec.id.clone()).is_err());
+    }
+
+    #[test]
+    fn statuses_parse_from_their_names() {
+        assert_eq!(JobStatus::parse("timed_out"), Some(JobStatus::TimedOut));
+        assert_eq!(JobStatus::parse("bogus"), None);
+    }
+}
