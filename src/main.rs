@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use codex_mesh::cli::{client, Cli, Command};
+use codex_mesh::cli::{client, jobs, Cli, Command};
 use codex_mesh::node::{self, StartMode};
 use tracing_subscriber::EnvFilter;
 
@@ -50,6 +50,26 @@ fn main() -> ExitCode {
             Command::Status(args) => client::status(args).await.map_err(|e| e.to_string()),
             Command::Nodes(args) => client::nodes(args).await.map_err(|e| e.to_string()),
             Command::Ticket(args) => client::ticket(args).await.map_err(|e| e.to_string()),
+            Command::Submit(args) => match jobs::submit(args).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the job did not succeed".to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Command::Jobs {
+                status,
+                node,
+                limit,
+                client,
+            } => jobs::list(status, node, limit, client)
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Job { id, client } => jobs::show(id, client).await.map_err(|e| e.to_string()),
+            Command::Cancel { id, client } => jobs::act(id, "cancel", client)
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Retry { id, client } => jobs::act(id, "retry", client)
+                .await
+                .map_err(|e| e.to_string()),
             Command::Node { action } => client::node_command(action)
                 .await
                 .map_err(|e| e.to_string()),

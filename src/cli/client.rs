@@ -29,14 +29,14 @@ pub enum ClientError {
     Refused(String),
 }
 
-struct Api {
+pub(super) struct Api {
     base: String,
     token: String,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn locate(args: &ClientArgs) -> Result<Api, ClientError> {
+    pub(super) fn locate(args: &ClientArgs) -> Result<Api, ClientError> {
         let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
         let base = match &args.api {
             Some(url) => url.clone(),
@@ -57,7 +57,7 @@ impl Api {
         })
     }
 
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -87,14 +87,14 @@ impl Api {
     }
 }
 
-fn print_json(value: &Value) {
+pub(super) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
 }
 
-fn short(id: &str) -> String {
+pub(super) fn short(id: &str) -> String {
     if id.len() > 12 {
         format!("…{}", &id[id.len() - 8..])
     } else {
@@ -234,7 +234,7 @@ pub async fn node_command(command: NodeCommand) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn urlencode(text: &str) -> String {
+pub(super) fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

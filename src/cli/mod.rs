@@ -2,6 +2,7 @@
 //! HTTP API (`status`, `nodes`, `ticket`, `node ...`).
 
 pub mod client;
+pub mod jobs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,12 +38,93 @@ pub enum Command {
     Nodes(ClientArgs),
     /// Print a join ticket for adding nodes.
     Ticket(ClientArgs),
+    /// Submit a job: a prompt, optional repositories, and where to run it.
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs with this status (queued, running, succeeded, failed, ...).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only jobs on this node (id or name).
+        #[arg(long)]
+        node: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// API options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one job with its status and result.
+    Job {
+        /// Job id.
+        id: String,
+        /// API options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+        /// API options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a finished job again as a new attempt.
+    Retry {
+        /// Job id.
+        id: String,
+        /// API options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Act on a node: drain, undrain, remove, admit, edit.
     Node {
         /// The action.
         #[command(subcommand)]
         action: NodeCommand,
     },
+}
+
+/// Options of `codex-mesh submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The prompt; `-` reads it from standard input.
+    pub prompt: String,
+    /// Run on this node (id or name).
+    #[arg(long, conflicts_with_all = ["tag", "any"])]
+    pub node: Option<String>,
+    /// Run on a node with this tag.
+    #[arg(long, conflicts_with = "any")]
+    pub tag: Option<String>,
+    /// Run on any node (the default).
+    #[arg(long)]
+    pub any: bool,
+    /// Repository to clone: owner/name, a URL or a path, optionally with #branch (repeatable).
+    #[arg(long = "repo")]
+    pub repos: Vec<String>,
+    /// Agent to run (default: codex).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Model for the agent.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Sandbox: read-only, workspace-write (default) or danger-full-access.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Wall-clock limit in seconds (default 3600).
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Limit on agent silence in seconds (default 600).
+    #[arg(long)]
+    pub idle_timeout: Option<u32>,
+    /// Wait for the job to finish; exit non-zero unless it succeeds.
+    #[arg(long)]
+    pub wait: bool,
+    /// API options.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// Operator actions on a node.

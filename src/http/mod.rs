@@ -2,6 +2,7 @@
 //! probe, and Prometheus metrics.
 
 mod auth;
+mod jobs;
 
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ pub struct ApiState {
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -80,6 +81,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/nodes/{id}/undrain", post(undrain))
         .route("/api/v1/nodes/{id}/admit", post(admit))
         .route("/api/v1/ticket", get(ticket))
+        .route("/api/v1/jobs", get(jobs::list).post(jobs::submit))
+        .route("/api/v1/jobs/{id}", get(jobs::show))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -2,6 +2,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::jobs::{JobAction, JobError, JobList, JobQuery, JobView, SubmitRequest};
 use super::views::{ActionError, NodeAction, NodeView, StatusView};
 use super::Input;
 
@@ -23,6 +24,36 @@ pub enum ApiRequest {
     },
     /// A join ticket for this mesh.
     Ticket(oneshot::Sender<String>),
+    /// Submit a job.
+    SubmitJob {
+        /// The job.
+        request: Box<SubmitRequest>,
+        /// The recorded job.
+        reply: oneshot::Sender<Result<JobView, JobError>>,
+    },
+    /// List jobs.
+    Jobs {
+        /// Filters and page.
+        query: JobQuery,
+        /// The page.
+        reply: oneshot::Sender<Result<JobList, JobError>>,
+    },
+    /// One job.
+    Job {
+        /// Job id.
+        id: String,
+        /// The job.
+        reply: oneshot::Sender<Result<JobView, JobError>>,
+    },
+    /// Cancel or retry a job.
+    JobAction {
+        /// Job id.
+        id: String,
+        /// What to do.
+        action: JobAction,
+        /// The job afterwards.
+        reply: oneshot::Sender<Result<JobView, JobError>>,
+    },
 }
 
 /// Cloneable handle to the mesh task.
@@ -66,6 +97,35 @@ impl MeshHandle {
         })
         .await
         .unwrap_or(Err(ActionError::Unavailable))
+    }
+
+    /// Submit a job.
+    pub async fn submit_job(&self, request: SubmitRequest) -> Result<JobView, JobError> {
+        let request = Box::new(request);
+        self.ask(|reply| ApiRequest::SubmitJob { request, reply })
+            .await
+            .unwrap_or(Err(JobError::Unavailable))
+    }
+
+    /// List jobs.
+    pub async fn jobs(&self, query: JobQuery) -> Result<JobList, JobError> {
+        self.ask(|reply| ApiRequest::Jobs { query, reply })
+            .await
+            .unwrap_or(Err(JobError::Unavailable))
+    }
+
+    /// One job.
+    pub async fn job(&self, id: String) -> Result<JobView, JobError> {
+        self.ask(|reply| ApiRequest::Job { id, reply })
+            .await
+            .unwrap_or(Err(JobError::Unavailable))
+    }
+
+    /// Cancel or retry a job.
+    pub async fn job_action(&self, id: String, action: JobAction) -> Result<JobView, JobError> {
+        self.ask(|reply| ApiRequest::JobAction { id, action, reply })
+            .await
+            .unwrap_or(Err(JobError::Unavailable))
     }
 
     /// Ask the mesh task to stop.

@@ -10,6 +10,7 @@
 //!   record and manages the voters.
 
 pub mod handle;
+pub mod jobs;
 mod liveness;
 mod sync;
 pub mod views;
@@ -792,6 +793,18 @@ impl Mesh {
             } => {
                 let _ = reply.send(self.node_action(&target, action));
             }
+            ApiRequest::SubmitJob { request, reply } => {
+                let _ = reply.send(self.submit_job(*request));
+            }
+            ApiRequest::Jobs { query, reply } => {
+                let _ = reply.send(self.list_jobs(&query));
+            }
+            ApiRequest::Job { id, reply } => {
+                let _ = reply.send(self.get_job(&id));
+            }
+            ApiRequest::JobAction { id, action, reply } => {
+                let _ = reply.send(self.job_action(&id, action));
+            }
         }
     }
 
@@ -975,6 +988,14 @@ impl Mesh {
             api_url: info.api_url.clone(),
             started_at_ms: info.started_at_ms,
             last_seen_ms,
+        }
+    }
+
+    /// The name of node `id`, if its record is known.
+    fn node_name(&self, id: &str) -> Option<String> {
+        match self.state.get(&Key::Node(id.to_string()).encode()) {
+            Some(Record::Node(info)) => Some(info.value.name.clone()),
+            _ => None,
         }
     }
 

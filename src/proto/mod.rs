@@ -5,7 +5,9 @@
 pub mod crdt;
 pub mod election;
 pub mod hlc;
+pub mod ids;
 pub mod jobs;
 pub mod records;
+pub mod repo_spec;
 pub mod state;
 pub mod voters;

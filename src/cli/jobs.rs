@@ -1,0 +1,196 @@
+//! Job commands: submit, jobs, job, cancel, retry.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::client::{print_json, short, urlencode, Api, ClientError};
+use super::{ClientArgs, SubmitArgs};
+
+/// `codex-mesh submit`. Returns whether the job succeeded (always true without `--wait`).
+pub async fn submit(args: SubmitArgs) -> Result<bool, ClientError> {
+    let prompt = if args.prompt == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| ClientError::Refused(format!("cannot read the prompt from stdin: {e}")))?;
+        text
+    } else {
+        args.prompt.clone()
+    };
+    let body = json!({
+        "prompt": prompt,
+        "node": args.node,
+        "tag": args.tag,
+        "repos": args.repos,
+        "agent": args.agent,
+        "model": args.model,
+        "sandbox": args.sandbox,
+        "timeout_secs": args.timeout,
+        "idle_timeout_secs": args.idle_timeout,
+        "origin": "cli",
+    });
+    let api = Api::locate(&args.client)?;
+    let job = api.call(Method::POST, "/api/v1/jobs", Some(body)).await?;
+    if !args.wait {
+        if args.client.json {
+            print_json(&job);
+        } else {
+            println!("{}", job["id"].as_str().unwrap_or(""));
+        }
+        return Ok(true);
+    }
+    let id = job["id"].as_str().unwrap_or("").to_string();
+    if !args.client.json {
+        eprintln!("submitted {id}");
+    }
+    let limit = job["timeout_secs"].as_u64().unwrap_or(3600) + 120;
+    let done = wait_for(&api, &id, Duration::from_secs(limit), args.client.json).await?;
+    if args.client.json {
+        print_json(&done);
+    } else {
+        print_job(&done);
+    }
+    Ok(done["status"] == "succeeded")
+}
+
+async fn wait_for(api: &Api, id: &str, limit: Duration, quiet: bool) -> Result<Value, ClientError> {
+    let deadline = Instant::now() + limit;
+    let path = format!("/api/v1/jobs/{}", urlencode(id));
+    let mut last = String::new();
+    loop {
+        let job = api.call(Method::GET, &path, None).await?;
+        let status = job["status"].as_str().unwrap_or("").to_string();
+        if status != last && !quiet {
+            eprintln!("{status}");
+        }
+        if matches!(
+            status.as_str(),
+            "succeeded" | "failed" | "cancelled" | "timed_out" | "lost"
+        ) {
+            return Ok(job);
+        }
+        last = status;
+        if Instant::now() > deadline {
+            return Err(ClientError::Refused(format!(
+                "job {id} is still {last} after {}s; stopped waiting",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn print_job(job: &Value) {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    println!("job       {}", text(&job["id"]));
+    println!(
+        "status    {} (attempt {})",
+        text(&job["status"]),
+        job["attempt"]
+    );
+    if let Some(node) = job["node"].as_str() {
+        println!(
+            "node      {} ({})",
+            job["node_name"].as_str().unwrap_or("?"),
+            short(node)
+        );
+    }
+    if let Some(reason) = job["reason"].as_str() {
+        println!("reason    {reason}");
+    }
+    let repos: Vec<String> = job["repos"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| text(&r["source"]))
+        .collect();
+    if !repos.is_empty() {
+        println!("repos     {}", repos.join(", "));
+    }
+    println!(
+        "prompt    {}",
+        text(&job["prompt"]).lines().next().unwrap_or("")
+    );
+    let result = &job["result"];
+    if let Some(message) = result["final_message"].as_str() {
+        println!("\n{message}");
+    }
+}
+
+/// `codex-mesh jobs`
+pub async fn list(
+    status: Option<String>,
+    node: Option<String>,
+    limit: usize,
+    client: ClientArgs,
+) -> Result<(), ClientError> {
+    let api = Api::locate(&client)?;
+    let mut path = format!("/api/v1/jobs?limit={limit}");
+    if let Some(status) = status {
+        path.push_str(&format!("&status={}", urlencode(&status)));
+    }
+    if let Some(node) = node {
+        path.push_str(&format!("&node={}", urlencode(&node)));
+    }
+    let list = api.call(Method::GET, &path, None).await?;
+    if client.json {
+        print_json(&list["jobs"]);
+        return Ok(());
+    }
+    println!("{:<26} {:<10} {:<12} PROMPT", "ID", "STATUS", "NODE");
+    for job in list["jobs"].as_array().into_iter().flatten() {
+        let prompt: String = job["prompt"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(60)
+            .collect();
+        println!(
+            "{:<26} {:<10} {:<12} {}",
+            job["id"].as_str().unwrap_or(""),
+            job["status"].as_str().unwrap_or(""),
+            job["node_name"].as_str().unwrap_or("-"),
+            prompt.replace('\n', " ")
+        );
+    }
+    Ok(())
+}
+
+/// `codex-mesh job ID`
+pub async fn show(id: String, client: ClientArgs) -> Result<(), ClientError> {
+    let api = Api::locate(&client)?;
+    let job = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/jobs/{}", urlencode(&id)),
+            None,
+        )
+        .await?;
+    if client.json {
+        print_json(&job);
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}
+
+/// `codex-mesh cancel ID` and `codex-mesh retry ID`
+pub async fn act(id: String, action: &str, client: ClientArgs) -> Result<(), ClientError> {
+    let api = Api::locate(&client)?;
+    let path = format!("/api/v1/jobs/{}/{action}", urlencode(&id));
+    let job = api.call(Method::POST, &path, None).await?;
+    if client.json {
+        print_json(&job);
+    } else {
+        println!(
+            "{}: {} (attempt {})",
+            job["id"].as_str().unwrap_or(""),
+            job["status"].as_str().unwrap_or(""),
+            job["attempt"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! Jobs in the mesh task: submission from any peer (the job waits in `queued` even with no
+//! master reachable), listing with filters, cancel and retry. Scheduling and running build on
+//! these records.
+
+use serde::Serialize;
+use thiserror::Error;
+
+use super::{unix_ms, Mesh};
+use crate::proto::crdt::MaxReg;
+use crate::proto::ids::ulid;
+use crate::proto::jobs::{
+    JobRecord, JobResult, JobSpec, JobStatus, Origin, Progress, RepoSpec, Sandbox, Target,
+    MAX_PROMPT_BYTES, MAX_REPOS, MAX_TIMEOUT_SECS,
+};
+use crate::proto::records::{validate_tag, Key, Record};
+use crate::proto::repo_spec::parse_repo;
+
+/// Default wall-clock limit of a job.
+pub const DEFAULT_TIMEOUT_SECS: u32 = 3600;
+/// Default limit on silence from the agent.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u32 = 600;
+/// Agents every node knows.
+pub const BUILTIN_AGENTS: &[&str] = &["codex"];
+
+/// A job as submitted through the API or CLI, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitRequest {
+    /// Node id or name to run on.
+    pub node: Option<String>,
+    /// Tag a node must carry.
+    pub tag: Option<String>,
+    /// Repositories, `source[#branch]`.
+    pub repos: Vec<String>,
+    /// The prompt.
+    pub prompt: String,
+    /// Agent (default `codex`).
+    pub agent: Option<String>,
+    /// Model override.
+    pub model: Option<String>,
+    /// Sandbox mode.
+    pub sandbox: Option<Sandbox>,
+    /// Wall-clock limit.
+    pub timeout_secs: Option<u32>,
+    /// Idle limit.
+    pub idle_timeout_secs: Option<u32>,
+    /// Where it came from.
+    pub origin: Option<Origin>,
+}
+
+/// Filters for listing jobs.
+#[derive(Clone, Debug, Default)]
+pub struct JobQuery {
+    /// Only this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs assigned to this node (id or name).
+    pub node: Option<String>,
+    /// Only jobs whose prompt or id contains this text (case-insensitive).
+    pub text: Option<String>,
+    /// Page size.
+    pub limit: usize,
+    /// Jobs to skip.
+    pub offset: usize,
+}
+
+/// Why a job request failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum JobError {
+    /// No such job.
+    #[error("no job {0:?}")]
+    NotFound(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The job is not in a state that allows this.
+    #[error("{0}")]
+    Conflict(String),
+    /// The change could not be stored.
+    #[error("could not store the job: {0}")]
+    Store(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Unavailable,
+}
+
+/// A job as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobView {
+    /// Job id.
+    pub id: String,
+    /// Current status.
+    pub status: JobStatus,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Node running (or that ran) the current attempt.
+    pub node: Option<String>,
+    /// Name of that node.
+    pub node_name: Option<String>,
+    /// Epoch of the current assignment.
+    pub epoch: Option<u64>,
+    /// Why (failures, cancellations, waits).
+    pub reason: Option<String>,
+    /// Outcome of a finished attempt.
+    pub result: Option<JobResult>,
+    /// When the status last changed (Unix ms).
+    pub updated_at_ms: u64,
+    /// The spec.
+    #[serde(flatten)]
+    pub spec: JobSpec,
+}
+
+/// One page of jobs.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobList {
+    /// The jobs, newest first.
+    pub jobs: Vec<JobView>,
+    /// How many match the filters in all.
+    pub total: usize,
+}
+
+/// Cancel or retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobAction {
+    /// Stop the current attempt.
+    Cancel,
+    /// Start a new attempt of a finished job.
+    Retry,
+}
+
+fn optional_text(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+impl Mesh {
+    fn job(&self, id: &str) -> Option<&JobRecord> {
+        match self.state.get(&Key::Job(id.to_string()).encode()) {
+            Some(Record::Job(job)) => Some(job),
+            _ => None,
+        }
+    }
+
+    fn job_view(&self, job: &JobRecord) -> JobView {
+        let progress = &job.progress.0;
+        let assignment = job
+            .assignment
+            .as_ref()
+            .map(|a| &a.0)
+            .filter(|a| a.attempt == progress.attempt);
+        let node = assignment.map(|a| a.node.clone());
+        let node_name = node.as_ref().and_then(|id| self.node_name(id));
+        JobView {
+            id: job.spec.id.clone(),
+            status: progress.status,
+            attempt: progress.attempt,
+            node,
+            node_name,
+            epoch: assignment.map(|a| a.epoch),
+            reason: progress.reason.clone(),
+            result: progress.result.clone(),
+            updated_at_ms: progress.stamp.at.wall_ms,
+            spec: job.spec.clone(),
+        }
+    }
+
+    /// Validate and record a new job in `queued`.
+    pub(super) fn submit_job(&mut self, request: SubmitRequest) -> Result<JobView, JobError> {
+        let spec = self.job_spec(request)?;
+        let stamp = self.stamp();
+        let record = JobRecord {
+            spec: spec.clone(),
+            assignment: None,
+            progress: MaxReg(Progress {
+                attempt: 1,
+                assignment: (0, 0),
+                status: JobStatus::Queued,
+                reason: None,
+                result: None,
+                stamp,
+            }),
+        };
+        let key = Key::Job(spec.id.clone()).encode();
+        self.commit_local(key, Record::Job(Box::new(record)))
+            .map_err(|e| JobError::Store(e.to_string()))?;
+        self.job(&spec.id)
+            .map(|job| self.job_view(job))
+            .ok_or(JobError::NotFound(spec.id))
+    }
+
+    fn job_spec(&mut self, request: SubmitRequest) -> Result<JobSpec, JobError> {
+        let invalid = |m: String| JobError::Invalid(m);
+        let prompt = request.prompt.trim().to_string();
+        if prompt.is_empty() {
+            return Err(invalid("the prompt is empty".into()));
+        }
+        if prompt.len() > MAX_PROMPT_BYTES {
+            return Err(invalid(format!(
+                "the prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+                prompt.len()
+            )));
+        }
+        let target = match (optional_text(request.node), optional_text(request.tag)) {
+            (Some(_), Some(_)) => return Err(invalid("give a node or a tag, not both".into())),
+            (Some(node), None) => Target::Node(
+                self.resolve_node(&node)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            (None, Some(tag)) => {
+                validate_tag(&tag).map_err(invalid)?;
+                let carried = self
+                    .node_views()
+                    .iter()
+                    .any(|n| !n.removed && n.tags.contains(&tag));
+                if !carried {
+                    return Err(invalid(format!("no node carries the tag {tag:?}")));
+                }
+                Target::Tag(tag)
+            }
+            (None, None) => Target::Any,
+        };
+        if request.repos.len() > MAX_REPOS {
+            return Err(invalid(format!("at most {MAX_REPOS} repositories per job")));
+        }
+        let repos: Vec<RepoSpec> = request
+            .repos
+            .iter()
+            .map(|r| parse_repo(r))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        let agent = optional_text(request.agent).unwrap_or_else(|| "codex".to_string());
+        if !BUILTIN_AGENTS.contains(&agent.as_str()) {
+            return Err(invalid(format!(
+                "unknown agent {agent:?}; known agents: {}",
+                BUILTIN_AGENTS.join(", ")
+            )));
+        }
+        let model = optional_text(request.model);
+        if model.as_ref().is_some_and(|m| {
+            m.len() > 128
+                || !m
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+        }) {
+            return Err(invalid("invalid model name".into()));
+        }
+        let timeout_secs = request.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let idle_timeout_secs = request
+            .idle_timeout_secs
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS.min(timeout_secs));
+        for (name, value) in [
+            ("timeout", timeout_secs),
+            ("idle timeout", idle_timeout_secs),
+        ] {
+            if value == 0 || value > MAX_TIMEOUT_SECS {
+                return Err(invalid(format!(
+                    "the {name} must be 1 to {MAX_TIMEOUT_SECS} seconds"
+                )));
+            }
+        }
+        let origin = request.origin.unwrap_or(Origin {
+            kind: "api".into(),
+            reply_to: None,
+            user: None,
+        });
+        let now = unix_ms();
+        Ok(JobSpec {
+            id: ulid(now, u128::from_le_bytes(rand::random::<[u8; 16]>())),
+            target,
+            repos,
+            prompt,
+            agent,
+            model,
+            sandbox: request.sandbox.unwrap_or_default(),
+            timeout_secs,
+            idle_timeout_secs,
+            origin,
+            submitted_via: self.id.clone(),
+            submitted_at_ms: now,
+        })
+    }
+
+    /// Jobs matching `query`, newest first.
+    pub(super) fn list_jobs(&self, query: &JobQuery) -> Result<JobList, JobError> {
+        let node = match &query.node {
+            Some(n) => Some(
+                self.resolve_node(n)
+                    .map_err(|e| JobError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let text = query.text.as_ref().map(|t| t.to_lowercase());
+        let mut views: Vec<JobView> = self
+            .state
+            .with_prefix("job/")
+            .filter_map(|(_, r)| match r {
+                Record::Job(job) => Some(self.job_view(job)),
+                _ => None,
+            })
+            .filter(|v| query.status.is_none_or(|s| v.status == s))
+            .filter(|v| node.is_none() || v.node == node)
+            .filter(|v| {
+                text.as_ref().is_none_or(|t| {
+                    v.id.to_lowercase().contains(t) || v.spec.prompt.to_lowercase().contains(t)
+                })
+            })
+            .collect();
+        views.sort_by(|a, b| b.id.cmp(&a.id));
+        let total = views.len();
+        let jobs = views
+            .into_iter()
+            .skip(query.offset)
+            .take(query.limit.clamp(1, 500))
+            .collect();
+        Ok(JobList { jobs, total })
+    }
+
+    /// One job.
+    pub(super) fn get_job(&self, id: &str) -> Result<JobView, JobError> {
+        self.job(id)
+            .map(|job| self.job_view(job))
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    /// Cancel the current attempt, or start a new attempt of a finished job.
+    pub(super) fn job_action(&mut self, id: &str, action: JobAction) -> Result<JobView, JobError> {
+        let job = self
+            .job(id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+        let current = job.progress.0.clone();
+        let stamp = self.stamp();
+        let progress = match action {
+            JobAction::Cancel => {
+                if current.status.is_terminal() {
+                    return Err(JobError::Conflict(format!(
+                        "the job already finished ({:?}); nothing to cancel",
+                        current.status
+                    )));
+                }
+                Progress {
+                    status: JobStatus::Cancelled,
+                    reason: Some(format!("cancelled via {}", self.config.name)),
+                    stamp,
+                    ..current
+                }
+            }
+            JobAction::Retry => {
+                if !current.status.is_terminal() {
+                    return Err(JobError::Conflict(
+                        "the job has not finished; cancel it first to retry".into(),
+                    ));
+                }
+                Progress {
+                    attempt: current.attempt + 1,
+                    assignment: (0, 0),
+                    status: JobStatus::Queued,
+                    reason: None,
+                    result: None,
+                    stamp,
+                }
+            }
+        };
+        let record = JobRecord {
+            progress: MaxReg(progress),
+            ..job
+        };
+        self.commit_local(
+            Key::Job(id.to_string()).encode(),
+            Record::Job(Box::new(record)),
+        )
+        .map_err(|e| JobError::Store(e.to_string()))?;
+        self.get_job(id)
+    }
+}

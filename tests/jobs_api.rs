@@ -1,0 +1,185 @@
+//! Jobs through the API and CLI of real nodes: submission from any peer, replication,
+//! filters, cancel and retry, and refusal of bad submissions with a clear message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{poll, Mesh, NodeOptions};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn json_of(response: common::HttpResponse) -> Value {
+    serde_json::from_str(&response.body).expect("JSON body")
+}
+
+#[test]
+fn a_job_submitted_on_one_peer_is_replicated_cancelled_and_retried() {
+    let specs = vec![
+        ("n1".to_string(), NodeOptions::default()),
+        (
+            "n2".to_string(),
+            NodeOptions::with_extra(&["--tags", "gpu"]),
+        ),
+    ];
+    let mesh = Mesh::start_with(BIN, specs);
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    poll(WAIT, "n1 to know n2's tags", || {
+        let nodes = n1.nodes()?;
+        nodes
+            .iter()
+            .any(|n| n.tags == vec!["gpu".to_string()])
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
+
+    let body = json!({
+        "prompt": "Add a README section about tests",
+        "tag": "gpu",
+        "repos": ["octo/hello#main", "https://git.example.com/a/b.git"],
+        "timeout_secs": 120,
+    })
+    .to_string();
+    let created = n1.api("POST", "/api/v1/jobs", Some(&body)).expect("submit");
+    assert_eq!(created.status, 201, "{}", created.body);
+    let job = json_of(created);
+    let id = job["id"].as_str().expect("job id").to_string();
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["target"], json!({"kind": "tag", "value": "gpu"}));
+    assert_eq!(
+        job["repos"][0],
+        json!({"source": "octo/hello", "branch": "main"})
+    );
+    assert_eq!(job["origin"]["kind"], "api");
+
+    // Replicated to the other peer, with the same spec.
+    let path = format!("/api/v1/jobs/{id}");
+    let seen = poll(WAIT, "n2 to see the job", || {
+        let response = n2.api("GET", &path, None).map_err(|e| e.to_string())?;
+        if response.status == 200 {
+            Ok(json_of(response))
+        } else {
+            Err(format!("status {}: {}", response.status, response.body))
+        }
+    });
+    assert_eq!(seen["prompt"], job["prompt"]);
+    assert_eq!(seen["submitted_at_ms"], job["submitted_at_ms"]);
+
+    // Filters.
+    let list = json_of(n2.api_ok("GET", "/api/v1/jobs?status=queued&q=readme", None));
+    assert_eq!(list["total"], 1);
+    let none = json_of(n2.api_ok("GET", "/api/v1/jobs?status=running", None));
+    assert_eq!(none["total"], 0);
+
+    // Cancel on n2, seen on n1; a second cancel is a conflict.
+    let cancelled = json_of(n2.api_ok("POST", &format!("{path}/cancel"), None));
+    assert_eq!(cancelled["status"], "cancelled");
+    poll(WAIT, "n1 to see the cancellation", || {
+        let job = json_of(n1.api_ok("GET", &path, None));
+        (job["status"] == "cancelled")
+            .then_some(())
+            .ok_or_else(|| job.to_string())
+    });
+    let again = n1
+        .api("POST", &format!("{path}/cancel"), None)
+        .expect("cancel again");
+    assert_eq!(again.status, 409, "{}", again.body);
+
+    // Retry starts attempt 2 from queued; retrying an unfinished job is a conflict.
+    let retried = json_of(n1.api_ok("POST", &format!("{path}/retry"), None));
+    assert_eq!(retried["status"], "queued");
+    assert_eq!(retried["attempt"], 2);
+    let early = n1
+        .api("POST", &format!("{path}/retry"), None)
+        .expect("retry again");
+    assert_eq!(early.status, 409, "{}", early.body);
+}
+
+#[test]
+fn bad_submissions_are_refused_with_a_reason() {
+    let mesh = Mesh::start(BIN, 1);
+    let node = &mesh.nodes[0];
+    let cases = [
+        (json!({"prompt": "  "}), "empty"),
+        (json!({"prompt": "x".repeat(70 * 1024)}), "limit"),
+        (
+            json!({"prompt": "p", "repos": ["not a repo"]}),
+            "malformed repository",
+        ),
+        (json!({"prompt": "p", "repos": ["o/r#..bad"]}), "branch"),
+        (json!({"prompt": "p", "node": "nobody"}), "no node"),
+        (json!({"prompt": "p", "tag": "nowhere"}), "no node carries"),
+        (json!({"prompt": "p", "agent": "eliza"}), "unknown agent"),
+        (json!({"prompt": "p", "node": "n1", "tag": "x"}), "not both"),
+        (json!({"prompt": "p", "timeout_secs": 0}), "timeout"),
+        (
+            json!({"prompt": "p", "sandbox": "yolo"}),
+            "invalid request body",
+        ),
+        (
+            json!({"prompt": "p", "colour": "red"}),
+            "invalid request body",
+        ),
+    ];
+    for (body, expected) in cases {
+        let response = node
+            .api("POST", "/api/v1/jobs", Some(&body.to_string()))
+            .expect("request");
+        assert_eq!(response.status, 400, "{body}: {}", response.body);
+        let error = json_of(response)["error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(error.contains(expected), "{body}: {error}");
+    }
+    let missing = node
+        .api("GET", "/api/v1/jobs/01NOSUCHJOB", None)
+        .expect("request");
+    assert_eq!(missing.status, 404);
+    let bad_filter = node
+        .api("GET", "/api/v1/jobs?status=sleeping", None)
+        .expect("request");
+    assert_eq!(bad_filter.status, 400);
+    let list = json_of(node.api_ok("GET", "/api/v1/jobs", None));
+    assert_eq!(list["total"], 0, "nothing was stored");
+}
+
+#[test]
+fn jobs_can_be_submitted_without_a_reachable_master() {
+    let mut mesh = Mesh::start(BIN, 3);
+    mesh.wait_converged(
+        &mesh.all(),
+        common::Expect {
+            online: 3,
+            voters: Some(3),
+        },
+    );
+    mesh.nodes[0].kill9();
+    mesh.nodes[1].kill9();
+    let survivor = &mesh.nodes[2];
+    let out = survivor.cli(&["submit", "--json", "write a haiku"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints the job");
+    let id = job["id"].as_str().expect("id");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["origin"]["kind"], "cli");
+    let status = survivor.status().expect("status");
+    assert!(!status.is_master, "no quorum, no master");
+
+    let out = survivor.cli(&["job", id, "--json"]);
+    assert!(out.status.success());
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("job --json");
+    assert_eq!(shown["status"], "queued");
+    assert!(shown.get("result").is_some());
+
+    let out = survivor.cli(&["jobs", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("jobs --json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+}
