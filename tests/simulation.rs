@@ -36,7 +36,7 @@ use codex_mesh::proto::crdt::{Lww, MaxReg, NodeId, Stamp};
 use codex_mesh::proto::election::{
     Action, Election, HardState, Membership, Message, Position, Timing,
 };
-use codex_mesh::proto::hlc::{Hlc, HlcClock};
+use codex_mesh::proto::hlc::HlcClock;
 use codex_mesh::proto::records::{MasterInfo, NodeAdmin, Record};
 use codex_mesh::proto::state::ReplicatedState;
 use codex_mesh::proto::voters::{desired_voters, target_size, Candidate};
@@ -376,23 +376,6 @@ fn show_payload(payload: &Payload) -> String {
 /// Whether a written field (if any) is what the store now holds.
 fn took_effect<T: PartialEq>(written: &Option<T>, stored: &Option<T>) -> bool {
     written.is_none() || written == stored
-}
-
-/// Hybrid timestamps inside a record (what a receiver's clock observes).
-fn stamps(record: &Record) -> Vec<Hlc> {
-    match record {
-        Record::Node(lww) => vec![lww.stamp.at],
-        Record::Admin(admin) => [
-            admin.draining.as_ref().map(|l| l.stamp.at),
-            admin.removed.as_ref().map(|l| l.stamp.at),
-            admin.tags.as_ref().map(|l| l.stamp.at),
-            admin.slots.as_ref().map(|l| l.stamp.at),
-        ]
-        .into_iter()
-        .flatten()
-        .collect(),
-        Record::Master(_) => Vec::new(),
-    }
 }
 
 impl Sim {
@@ -1048,9 +1031,7 @@ impl Sim {
     fn merge(&mut self, i: usize, key: &str, record: &Record) -> Result<(), Failure> {
         let now = self.now;
         let node = &mut self.nodes[i];
-        for at in stamps(record) {
-            node.clock.observe(at, now);
-        }
+        node.clock.observe(record.latest_hlc(), now);
         match node.state.apply(key, record) {
             Ok(_) => Ok(()),
             Err(err) => Err(self.fail(format!("n{i} refused a peer's {key}: {err}"))),
@@ -1201,7 +1182,7 @@ impl Sim {
         let newest = node
             .state
             .iter()
-            .flat_map(|(_, record)| stamps(record))
+            .map(|(_, record)| record.latest_hlc())
             .max()
             .unwrap_or_default();
         node.clock = HlcClock::starting_after(newest);
