@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::crdt::NodeId;
 use crate::proto::election;
+use crate::proto::jobs::JobRecord;
 use crate::proto::records::Record;
 
 /// Gossipsub topic carrying state deltas and heartbeats.
@@ -71,6 +72,9 @@ pub enum Request {
     },
     /// Anti-entropy step 3: records the responder asked for.
     SyncPush(Vec<(String, Record)>),
+    /// The master gives a job to the receiver (the record carries the assignment and its
+    /// epoch). Answered with `Ack` or `Refused(reason)`.
+    Assign(Box<JobRecord>),
 }
 
 impl Request {

@@ -183,3 +183,79 @@ fn jobs_can_be_submitted_without_a_reachable_master() {
     let listed: Value = serde_json::from_slice(&out.stdout).expect("jobs --json");
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
 }
+
+/// Poll job `id` on `node` until `check` accepts it.
+fn wait_job(node: &common::Node, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let path = format!("/api/v1/jobs/{id}");
+    poll(WAIT, what, || {
+        let job = json_of(node.api_ok("GET", &path, None));
+        if check(&job) {
+            Ok(job)
+        } else {
+            Err(job.to_string())
+        }
+    })
+}
+
+fn submit(node: &common::Node, body: Value) -> String {
+    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
+    json_of(created)["id"].as_str().expect("id").to_string()
+}
+
+#[test]
+fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
+    let specs = vec![
+        ("n1".to_string(), NodeOptions::default()),
+        (
+            "n2".to_string(),
+            NodeOptions::with_extra(&["--tags", "gpu", "--slots", "1"]),
+        ),
+        ("n3".to_string(), NodeOptions::default()),
+    ];
+    let mut mesh = Mesh::start_with(BIN, specs);
+    mesh.wait_converged(
+        &mesh.all(),
+        common::Expect {
+            online: 3,
+            voters: Some(3),
+        },
+    );
+    let n2_id = mesh.nodes[1].id().to_string();
+    let n3_id = mesh.nodes[2].id().to_string();
+    let n3 = &mesh.nodes[2];
+
+    // A tag target goes to the node with the tag; the next one waits for its only slot.
+    let first = submit(n3, json!({"prompt": "one", "tag": "gpu"}));
+    let job = wait_job(n3, &first, "first gpu job assigned", |j| {
+        j["status"] == "assigned"
+    });
+    assert_eq!(job["node"], n2_id.as_str());
+    assert_eq!(job["node_name"], "n2");
+    assert!(job["epoch"].as_u64().is_some_and(|e| e >= 1));
+    let second = submit(n3, json!({"prompt": "two", "tag": "gpu"}));
+    let waiting = wait_job(n3, &second, "second gpu job to wait", |j| {
+        j["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("free slot"))
+    });
+    assert_eq!(waiting["status"], "queued");
+
+    // An explicit target gets that node, unless it is draining.
+    let pinned = submit(n3, json!({"prompt": "three", "node": "n3"}));
+    let job = wait_job(n3, &pinned, "pinned job assigned", |j| {
+        j["status"] == "assigned"
+    });
+    assert_eq!(job["node"], n3_id.as_str());
+    n3.api_ok("POST", "/api/v1/nodes/n3/drain", None);
+    let blocked = submit(n3, json!({"prompt": "four", "node": "n3"}));
+    wait_job(n3, &blocked, "job for a draining node to wait", |j| {
+        j["status"] == "queued" && j["reason"].as_str().is_some_and(|r| r.contains("draining"))
+    });
+
+    // The gpu node dies: its job is lost, then re-queued once as attempt 2.
+    mesh.nodes[1].kill9();
+    let n3 = &mesh.nodes[2];
+    wait_job(n3, &first, "lost job re-queued", |j| {
+        j["attempt"] == 2 && j["status"] == "queued"
+    });
+}

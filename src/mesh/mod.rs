@@ -12,6 +12,7 @@
 pub mod handle;
 pub mod jobs;
 mod liveness;
+mod scheduler;
 mod sync;
 pub mod views;
 
@@ -103,8 +104,15 @@ pub enum Input {
 }
 
 /// Why an outbound request was sent (to route its answer).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Purpose {
+    /// A job assignment: which job, under which (epoch, seq).
+    Assign {
+        /// Job id.
+        job: String,
+        /// Assignment key.
+        key: (u64, u64),
+    },
     /// Election message: answer is only an acknowledgement.
     Election,
     /// Anti-entropy step 1.
@@ -151,6 +159,9 @@ pub struct Mesh {
     next_anti_entropy: u64,
     next_redial: u64,
     next_voter_check: u64,
+    next_schedule: u64,
+    scheduler: scheduler::SchedulerState,
+    highest_epoch: u64,
     rng: u64,
 }
 
@@ -239,6 +250,7 @@ impl Mesh {
                 s
             }
         };
+        let highest_epoch = store.get_meta::<u64>(HIGHEST_EPOCH_META)?.unwrap_or(0);
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>());
         let election = Election::new(
             id.clone(),
@@ -280,6 +292,9 @@ impl Mesh {
             next_anti_entropy: ANTI_ENTROPY_EVERY_MS,
             next_redial: 0,
             next_voter_check: 0,
+            next_schedule: 0,
+            scheduler: scheduler::SchedulerState::default(),
+            highest_epoch,
             rng: seed | 1,
         };
         Ok((mesh, handle))
@@ -343,6 +358,10 @@ impl Mesh {
             if now >= self.next_voter_check {
                 self.next_voter_check = now + VOTER_CHECK_EVERY_MS;
                 self.manage_voters(now);
+            }
+            if now >= self.next_schedule {
+                self.next_schedule = now + scheduler::SCHEDULE_EVERY_MS;
+                self.schedule(now);
             }
         }
         if self.own_record_dirty || now >= self.next_record_refresh {
@@ -572,19 +591,18 @@ impl Mesh {
                     }
                 }
             }
-            Record::Master(master) => {
-                let epoch = master.0.epoch;
-                let highest = self
-                    .store
-                    .get_meta::<u64>(HIGHEST_EPOCH_META)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                if epoch > highest {
-                    let _ = self.store.put_meta(HIGHEST_EPOCH_META, &epoch);
-                }
-            }
+            Record::Master(master) => self.observe_epoch(master.0.epoch),
             Record::Node(_) | Record::Job(_) => {}
+        }
+    }
+
+    /// Remember (durably) the highest lease epoch seen, for fencing assignments.
+    fn observe_epoch(&mut self, epoch: u64) {
+        if epoch > self.highest_epoch {
+            self.highest_epoch = epoch;
+            if let Err(e) = self.store.put_meta(HIGHEST_EPOCH_META, &epoch) {
+                tracing::error!("cannot persist the highest epoch: {e}");
+            }
         }
     }
 
@@ -708,6 +726,7 @@ impl Mesh {
                     more: r.more,
                 }
             }
+            Request::Assign(record) => self.accept_assignment(&record),
             Request::SyncPush(records) => {
                 let changed = self.apply_remote(records);
                 self.metrics
@@ -752,6 +771,9 @@ impl Mesh {
 
     fn on_rpc_done(&mut self, peer: PeerId, purpose: Purpose, result: Result<Response, String>) {
         match (purpose, result) {
+            (purpose @ Purpose::Assign { .. }, result) => {
+                self.on_assign_answer(peer, purpose, result)
+            }
             (Purpose::Election, Ok(Response::Election(replies))) => {
                 if replies.len() > 8 {
                     Metrics::inc(&self.metrics.wire_dropped);

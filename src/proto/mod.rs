@@ -9,5 +9,6 @@ pub mod ids;
 pub mod jobs;
 pub mod records;
 pub mod repo_spec;
+pub mod schedule;
 pub mod state;
 pub mod voters;
