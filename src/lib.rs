@@ -8,6 +8,7 @@
 //! * [`mesh`]: the runtime that ties state, store, network and election together.
 //! * [`http`]: the REST API and metrics every peer serves.
 //! * [`cli`]: the command line and its HTTP client.
+//! * [`runner`]: running a job's agent process on this node.
 //! * [`node`]: node start-up and shutdown.
 //! * [`datadir`], [`ticket`], [`sysinfo`], [`metrics`]: supporting pieces.
 
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod proto;
+pub mod runner;
 pub mod store;
 pub mod sysinfo;
 pub mod ticket;

@@ -15,8 +15,11 @@ use crate::metrics::Metrics;
 use crate::net::NetError;
 use crate::proto::election::Timing;
 use crate::proto::records::validate_tag;
+use crate::runner::agent::{find_program, parse_agent, Agents};
+use crate::runner::RunnerConfig;
 use crate::store::{Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
+use std::collections::BTreeMap;
 
 /// How the node was started.
 #[derive(Debug)]
@@ -154,6 +157,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         mesh_key,
         timing: Timing::default(),
         machine: crate::sysinfo::probe(),
+        runner: Arc::new(runner_config(&args, &data)?),
     };
     let mesh_id = config.mesh_id.clone();
     let (mesh, handle) = Mesh::new(peer_id, config, store, client, metrics.clone())?;
@@ -207,6 +211,30 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     data.clear_api_url();
     Ok(())
+}
+
+/// Agents and directories for running jobs, from the options.
+fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeError> {
+    let mut commands = BTreeMap::new();
+    for text in args.agents.iter().filter(|t| !t.trim().is_empty()) {
+        let agent = parse_agent(text).map_err(NodeError::Config)?;
+        commands.insert(agent.name.clone(), agent);
+    }
+    let codex = find_program(&args.codex_bin);
+    if codex.is_none() {
+        tracing::warn!(
+            "codex CLI {:?} not found: this node will not take codex jobs",
+            args.codex_bin
+        );
+    }
+    Ok(RunnerConfig {
+        workdir_root: args
+            .workdir_root
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("codex-mesh-jobs")),
+        log_dir: data.root().join("job-logs"),
+        agents: Agents { codex, commands },
+    })
 }
 
 /// Fail early, with a clear message, if a fixed mesh port is taken: libp2p listens with

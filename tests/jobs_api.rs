@@ -204,13 +204,13 @@ fn submit(node: &common::Node, body: Value) -> String {
 
 #[test]
 fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
+    // `hold` keeps a slot busy long enough to observe the queue around it.
+    let hold = ["--agent", "hold=sleep 20"];
+    let gpu = ["--tags", "gpu", "--slots", "1", "--agent", "hold=sleep 20"];
     let specs = vec![
-        ("n1".to_string(), NodeOptions::default()),
-        (
-            "n2".to_string(),
-            NodeOptions::with_extra(&["--tags", "gpu", "--slots", "1"]),
-        ),
-        ("n3".to_string(), NodeOptions::default()),
+        ("n1".to_string(), NodeOptions::with_extra(&hold)),
+        ("n2".to_string(), NodeOptions::with_extra(&gpu)),
+        ("n3".to_string(), NodeOptions::with_extra(&hold)),
     ];
     let mut mesh = Mesh::start_with(BIN, specs);
     mesh.wait_converged(
@@ -225,14 +225,14 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     let n3 = &mesh.nodes[2];
 
     // A tag target goes to the node with the tag; the next one waits for its only slot.
-    let first = submit(n3, json!({"prompt": "one", "tag": "gpu"}));
-    let job = wait_job(n3, &first, "first gpu job assigned", |j| {
-        j["status"] == "assigned"
+    let first = submit(n3, json!({"prompt": "one", "tag": "gpu", "agent": "hold"}));
+    let job = wait_job(n3, &first, "first gpu job running", |j| {
+        j["status"] == "running"
     });
     assert_eq!(job["node"], n2_id.as_str());
     assert_eq!(job["node_name"], "n2");
     assert!(job["epoch"].as_u64().is_some_and(|e| e >= 1));
-    let second = submit(n3, json!({"prompt": "two", "tag": "gpu"}));
+    let second = submit(n3, json!({"prompt": "two", "tag": "gpu", "agent": "hold"}));
     let waiting = wait_job(n3, &second, "second gpu job to wait", |j| {
         j["reason"]
             .as_str()
@@ -241,15 +241,24 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     assert_eq!(waiting["status"], "queued");
 
     // An explicit target gets that node, unless it is draining.
-    let pinned = submit(n3, json!({"prompt": "three", "node": "n3"}));
-    let job = wait_job(n3, &pinned, "pinned job assigned", |j| {
-        j["status"] == "assigned"
+    let pinned = submit(
+        n3,
+        json!({"prompt": "three", "node": "n3", "agent": "hold"}),
+    );
+    let job = wait_job(n3, &pinned, "pinned job running", |j| {
+        j["status"] == "running"
     });
     assert_eq!(job["node"], n3_id.as_str());
     n3.api_ok("POST", "/api/v1/nodes/n3/drain", None);
-    let blocked = submit(n3, json!({"prompt": "four", "node": "n3"}));
+    let blocked = submit(n3, json!({"prompt": "four", "node": "n3", "agent": "hold"}));
     wait_job(n3, &blocked, "job for a draining node to wait", |j| {
         j["status"] == "queued" && j["reason"].as_str().is_some_and(|r| r.contains("draining"))
+    });
+
+    // No node has the codex CLI here: a codex job waits and says so.
+    let codex = submit(n3, json!({"prompt": "five"}));
+    wait_job(n3, &codex, "codex job to wait for a node with codex", |j| {
+        j["status"] == "queued" && j["reason"].as_str().is_some_and(|r| r.contains("codex"))
     });
 
     // The gpu node dies: its job is lost, then re-queued once as attempt 2.

@@ -193,6 +193,16 @@ pub struct NodeArgs {
     /// Extra peer address to dial (repeatable; `/p2p/<id>` suffix recommended).
     #[arg(long = "peer", env = "CODEX_MESH_PEERS", value_delimiter = ',')]
     pub peers: Vec<Multiaddr>,
+    /// Define an agent: NAME=COMMAND, with {prompt}, {workdir} and {model} placeholders
+    /// (repeatable; in the variable, one definition per line).
+    #[arg(long = "agent", env = "CODEX_MESH_AGENTS", value_delimiter = '\n')]
+    pub agents: Vec<String>,
+    /// The codex CLI to run for `codex` jobs (a name on PATH or a path).
+    #[arg(long, env = "CODEX_MESH_CODEX_BIN", default_value = "codex")]
+    pub codex_bin: String,
+    /// Where job work directories are made (default: <temp dir>/codex-mesh-jobs).
+    #[arg(long, env = "CODEX_MESH_WORKDIR_ROOT")]
+    pub workdir_root: Option<PathBuf>,
 }
 
 /// How a client command finds a node's API.

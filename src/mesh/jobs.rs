@@ -228,10 +228,16 @@ impl Mesh {
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
         let agent = optional_text(request.agent).unwrap_or_else(|| "codex".to_string());
-        if !BUILTIN_AGENTS.contains(&agent.as_str()) {
+        let mut known: Vec<String> = BUILTIN_AGENTS.iter().map(|a| a.to_string()).collect();
+        for node in self.node_views().into_iter().filter(|n| !n.removed) {
+            known.extend(node.agents);
+        }
+        known.sort();
+        known.dedup();
+        if !known.contains(&agent) {
             return Err(invalid(format!(
                 "unknown agent {agent:?}; known agents: {}",
-                BUILTIN_AGENTS.join(", ")
+                known.join(", ")
             )));
         }
         let model = optional_text(request.model);

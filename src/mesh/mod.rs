@@ -12,6 +12,7 @@
 pub mod handle;
 pub mod jobs;
 mod liveness;
+mod runs;
 mod scheduler;
 mod sync;
 pub mod views;
@@ -35,6 +36,7 @@ use crate::proto::records::{
 };
 use crate::proto::state::ReplicatedState;
 use crate::proto::voters::{desired_voters, Candidate};
+use crate::runner::{JobUpdate, RunHandle, RunnerConfig};
 use crate::store::{Store, StoreError};
 use crate::sysinfo::MachineInfo;
 use crate::ticket::{Ticket, MAX_TICKET_ADDRS};
@@ -81,6 +83,8 @@ pub struct MeshConfig {
     pub timing: Timing,
     /// Machine facts.
     pub machine: MachineInfo,
+    /// How this node runs jobs.
+    pub runner: Arc<RunnerConfig>,
 }
 
 /// Inputs of the mesh task.
@@ -99,6 +103,8 @@ pub enum Input {
         /// The answer.
         result: Result<Response, String>,
     },
+    /// A job running here changed status.
+    JobUpdate(JobUpdate),
     /// Stop.
     Shutdown,
 }
@@ -162,6 +168,7 @@ pub struct Mesh {
     next_schedule: u64,
     scheduler: scheduler::SchedulerState,
     highest_epoch: u64,
+    runs: HashMap<String, (u32, (u64, u64), RunHandle)>,
     rng: u64,
 }
 
@@ -295,6 +302,7 @@ impl Mesh {
             next_schedule: 0,
             scheduler: scheduler::SchedulerState::default(),
             highest_epoch,
+            runs: HashMap::new(),
             rng: seed | 1,
         };
         Ok((mesh, handle))
@@ -319,6 +327,7 @@ impl Mesh {
                     Some(Input::Net(event)) => self.on_net(event),
                     Some(Input::Api(request)) => self.on_api(request),
                     Some(Input::RpcDone { peer, purpose, result }) => self.on_rpc_done(peer, purpose, result),
+                    Some(Input::JobUpdate(update)) => self.on_job_update(update),
                 },
             }
         }
@@ -525,6 +534,7 @@ impl Mesh {
             api_url: self.config.api_url.clone(),
             started_at_ms: self.started_unix_ms,
             heartbeat_ms: unix_ms(),
+            agents: self.config.runner.agents.names(),
         }
     }
 
@@ -592,7 +602,8 @@ impl Mesh {
                 }
             }
             Record::Master(master) => self.observe_epoch(master.0.epoch),
-            Record::Node(_) | Record::Job(_) => {}
+            Record::Job(job) => self.check_run(job),
+            Record::Node(_) => {}
         }
     }
 
@@ -1010,6 +1021,7 @@ impl Mesh {
             api_url: info.api_url.clone(),
             started_at_ms: info.started_at_ms,
             last_seen_ms,
+            agents: info.agents.clone(),
         }
     }
 

@@ -87,6 +87,7 @@ impl Mesh {
                 online: n.online,
                 draining: n.draining,
                 removed: n.removed,
+                agents: n.agents,
             })
             .collect()
     }
@@ -297,7 +298,7 @@ impl Mesh {
         }
         self.observe_epoch(assignment.epoch);
         let key = Key::Job(record.spec.id.clone()).encode();
-        self.apply_remote(vec![(key, Record::Job(Box::new(record.clone())))]);
+        self.apply_remote(vec![(key.clone(), Record::Job(Box::new(record.clone())))]);
         let slots = self
             .node_views()
             .into_iter()
@@ -310,6 +311,13 @@ impl Mesh {
             .count() as u32;
         if running >= slots {
             return Response::Refused(format!("all {slots} slots are busy"));
+        }
+        if let Err(why) = self.config.runner.agents.check(&record.spec.agent) {
+            return Response::Refused(why);
+        }
+        let current = self.state.get(&key).cloned();
+        if let Some(Record::Job(job)) = current {
+            self.start_run(&job);
         }
         Response::Ack
     }

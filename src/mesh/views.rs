@@ -90,6 +90,8 @@ pub struct NodeView {
     pub started_at_ms: u64,
     /// Last time this node was heard from (Unix ms).
     pub last_seen_ms: u64,
+    /// Agents the node can run.
+    pub agents: Vec<String>,
 }
 
 /// An operator action on a node.

@@ -60,6 +60,9 @@ pub struct NodeInfo {
     pub started_at_ms: u64,
     /// Last persisted heartbeat (Unix ms); live liveness comes from gossip heartbeats.
     pub heartbeat_ms: u64,
+    /// Agents the node can run (`codex` only when its CLI was found).
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
 
 /// Operator decisions about a node, writable from any peer; each field is last-writer-wins.
@@ -204,6 +207,7 @@ impl Record {
                 }
                 check_list(&info.tags).map_err(|r| invalid(&r))?;
                 check_list(&info.addrs).map_err(|r| invalid(&r))?;
+                check_list(&info.agents).map_err(|r| invalid(&r))?;
                 if info.gpus.len() > MAX_LIST_LEN {
                     return Err(invalid("too many GPUs"));
                 }

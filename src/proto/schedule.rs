@@ -26,6 +26,8 @@ pub struct NodeLoad {
     pub draining: bool,
     /// Removed from the mesh.
     pub removed: bool,
+    /// Agents the node can run.
+    pub agents: Vec<String>,
 }
 
 impl NodeLoad {
@@ -64,6 +66,11 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
                 Decision::Wait(format!("waiting for node {name}, which is draining"))
             } else if node.running >= node.slots {
                 Decision::Wait(format!("waiting for a free slot on node {name}"))
+            } else if !node.agents.contains(&spec.agent) {
+                Decision::Wait(format!(
+                    "waiting: node {name} has no agent {:?}",
+                    spec.agent
+                ))
             } else if skip.contains(&node.id) {
                 Decision::Wait(format!("waiting for node {name}, which refused the job"))
             } else {
@@ -71,11 +78,23 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
             }
         }
         Target::Tag(tag) => least_loaded(
-            nodes.iter().filter(|n| n.tags.contains(tag)),
+            nodes
+                .iter()
+                .filter(|n| n.tags.contains(tag) && n.agents.contains(&spec.agent)),
             skip,
-            &format!("waiting for a free slot on a node tagged {tag:?}"),
+            &format!(
+                "waiting for a free slot on a node tagged {tag:?} with agent {:?}",
+                spec.agent
+            ),
         ),
-        Target::Any => least_loaded(nodes.iter(), skip, "waiting for a free slot on any node"),
+        Target::Any => least_loaded(
+            nodes.iter().filter(|n| n.agents.contains(&spec.agent)),
+            skip,
+            &format!(
+                "waiting for a free slot on a node with agent {:?}",
+                spec.agent
+            ),
+        ),
     }
 }
 
@@ -115,6 +134,7 @@ mod tests {
             online: true,
             draining: false,
             removed: false,
+            agents: vec!["codex".into()],
         }
     }
 
@@ -192,5 +212,20 @@ mod tests {
             Decision::Assign("a".into())
         );
         assert!(matches!(choose(&job, &[], &[]), Decision::Wait(w) if w.contains("unknown")));
+    }
+
+    #[test]
+    fn nodes_without_the_agent_are_not_chosen() {
+        let mut bare = node("a", &[], 4, 0);
+        bare.agents.clear();
+        let nodes = [bare, node("b", &[], 4, 3)];
+        assert_eq!(
+            choose(&spec(Target::Any), &nodes, &[]),
+            Decision::Assign("b".into())
+        );
+        let pinned = spec(Target::Node("a".into()));
+        assert!(
+            matches!(choose(&pinned, &nodes, &[]), Decision::Wait(w) if w.contains("no agent"))
+        );
     }
 }

@@ -1,0 +1,332 @@
+//! Running one job on this node: a fresh work directory, the agent process in its own process
+//! group with a scrubbed environment, its output logged, a wall-clock limit, an idle-output
+//! watchdog, cancellation that kills the whole group, and the result reported back.
+
+pub mod agent;
+pub mod events;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+
+use crate::proto::jobs::{JobResult, JobSpec, JobStatus};
+use agent::{Agents, PASSED_ENV};
+use events::{parse_line, Summary};
+
+/// Where and how this node runs jobs.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Parent of the per-job work directories.
+    pub workdir_root: PathBuf,
+    /// Where job logs are kept.
+    pub log_dir: PathBuf,
+    /// The agents this node can run.
+    pub agents: Agents,
+}
+
+/// A status change of a running job, for the mesh task to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobUpdate {
+    /// Job id.
+    pub id: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Assignment `(epoch, seq)` this run belongs to.
+    pub assignment: (u64, u64),
+    /// New status.
+    pub status: JobStatus,
+    /// Why (failures, timeouts).
+    pub reason: Option<String>,
+    /// Result, when finished.
+    pub result: Option<JobResult>,
+}
+
+/// Handle to a running job.
+pub struct RunHandle {
+    cancel: watch::Sender<bool>,
+}
+
+impl RunHandle {
+    /// Kill the agent (its whole process group).
+    pub fn cancel(&self) {
+        let _ = self.cancel.send(true);
+    }
+}
+
+/// Start running `spec` (attempt, assignment) in the background; `report` receives every
+/// status change, the last one terminal.
+pub fn start(
+    spec: JobSpec,
+    attempt: u32,
+    assignment: (u64, u64),
+    config: Arc<RunnerConfig>,
+    report: impl Fn(JobUpdate) + Send + Sync + 'static,
+) -> RunHandle {
+    let (cancel, cancelled) = watch::channel(false);
+    tokio::spawn(async move {
+        let update = |status, reason: Option<String>, result| JobUpdate {
+            id: spec.id.clone(),
+            attempt,
+            assignment,
+            status,
+            reason,
+            result,
+        };
+        let started = Instant::now();
+        report(update(JobStatus::Preparing, None, None));
+        let outcome = run(&spec, &config, cancelled, &|status| {
+            report(update(status, None, None))
+        })
+        .await;
+        let (status, reason, mut result) = outcome;
+        result.duration_ms = started.elapsed().as_millis() as u64;
+        report(update(status, reason, Some(result)));
+    });
+    RunHandle { cancel }
+}
+
+type Outcome = (JobStatus, Option<String>, JobResult);
+
+fn failed(reason: String) -> Outcome {
+    (JobStatus::Failed, Some(reason), JobResult::default())
+}
+
+enum Ending {
+    Exited(std::process::ExitStatus),
+    WallClock,
+    Idle,
+    Cancelled,
+}
+
+async fn run(
+    spec: &JobSpec,
+    config: &RunnerConfig,
+    mut cancelled: watch::Receiver<bool>,
+    progress: &(dyn Fn(JobStatus) + Send + Sync),
+) -> Outcome {
+    let workdir = config.workdir_root.join(&spec.id);
+    let _ = tokio::fs::remove_dir_all(&workdir).await;
+    if let Err(e) = tokio::fs::create_dir_all(&workdir).await {
+        return failed(format!(
+            "cannot create the work directory {}: {e}",
+            workdir.display()
+        ));
+    }
+    if !spec.repos.is_empty() {
+        return failed("this node cannot clone repositories yet; submit without --repo".into());
+    }
+    let invocation = match config.agents.invocation(spec, &workdir) {
+        Ok(i) => i,
+        Err(e) => return failed(e),
+    };
+    let _ = tokio::fs::create_dir_all(&config.log_dir).await;
+    let log_path = config.log_dir.join(format!("{}.log", spec.id));
+    let mut log = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return failed(format!(
+                "cannot open the job log {}: {e}",
+                log_path.display()
+            ))
+        }
+    };
+    let mut command = Command::new(&invocation.argv[0]);
+    command
+        .args(&invocation.argv[1..])
+        .current_dir(&invocation.cwd)
+        .env_clear()
+        .envs(
+            PASSED_ENV
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    command.process_group(0);
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return failed(format!(
+                "cannot start the agent {:?}: {e}",
+                invocation.argv[0]
+            ))
+        }
+    };
+    progress(JobStatus::Running);
+    let pid = child.id();
+    let (lines_tx, mut lines) = mpsc::unbounded_channel::<(bool, String)>();
+    for (is_stdout, stream) in [
+        (
+            true,
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
+        (
+            false,
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
+    ] {
+        let Some(stream) = stream else { continue };
+        let tx = lines_tx.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send((is_stdout, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(lines_tx);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.timeout_secs.into());
+    let idle = Duration::from_secs(spec.idle_timeout_secs.into());
+    let mut idle_deadline = tokio::time::Instant::now() + idle;
+    let mut summary = Summary::default();
+    let mut last_stdout: Option<String> = None;
+    let mut streams_open = true;
+    let ending = loop {
+        tokio::select! {
+            line = lines.recv(), if streams_open => match line {
+                Some((is_stdout, line)) => {
+                    idle_deadline = tokio::time::Instant::now() + idle;
+                    let prefix = if is_stdout { "" } else { "[stderr] " };
+                    let _ = log.write_all(format!("{prefix}{line}\n").as_bytes()).await;
+                    if is_stdout {
+                        if invocation.codex_events {
+                            if let Some(event) = parse_line(&line) {
+                                summary.add(event);
+                            }
+                        } else if !line.trim().is_empty() {
+                            last_stdout = Some(line);
+                        }
+                    }
+                }
+                None => streams_open = false,
+            },
+            status = child.wait() => match status {
+                Ok(status) => break Ending::Exited(status),
+                Err(e) => return failed(format!("lost track of the agent process: {e}")),
+            },
+            _ = tokio::time::sleep_until(deadline) => break Ending::WallClock,
+            _ = tokio::time::sleep_until(idle_deadline) => break Ending::Idle,
+            changed = cancelled.changed() => {
+                if changed.is_err() || *cancelled.borrow() {
+                    break Ending::Cancelled;
+                }
+            }
+        }
+    };
+    if !matches!(ending, Ending::Exited(_)) {
+        kill_group(pid);
+        let _ = child.wait().await;
+    }
+    // Collect what the agent printed before it ended.
+    while let Ok(Some((is_stdout, line))) =
+        tokio::time::timeout(Duration::from_millis(200), lines.recv()).await
+    {
+        let _ = log
+            .write_all(format!("{}{line}\n", if is_stdout { "" } else { "[stderr] " }).as_bytes())
+            .await;
+        if is_stdout {
+            if invocation.codex_events {
+                if let Some(event) = parse_line(&line) {
+                    summary.add(event);
+                }
+            } else if !line.trim().is_empty() {
+                last_stdout = Some(line);
+            }
+        }
+    }
+    let _ = log.flush().await;
+    let from_file = match &invocation.last_message_file {
+        Some(path) => tokio::fs::read_to_string(path)
+            .await
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+        None => None,
+    };
+    let mut result = JobResult {
+        exit_code: None,
+        final_message: from_file.or(summary.last_message.clone()).or(last_stdout),
+        diffs: Vec::new(),
+        usage: summary.usage.clone(),
+        duration_ms: 0,
+    };
+    if let Some(message) = &mut result.final_message {
+        truncate_utf8(message, 64 * 1024);
+    }
+    match ending {
+        Ending::Exited(status) => {
+            result.exit_code = status.code();
+            if status.success() {
+                (JobStatus::Succeeded, None, result)
+            } else {
+                let why = summary
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| match status.code() {
+                        Some(code) => format!("the agent exited with code {code}"),
+                        None => "the agent was killed by a signal".into(),
+                    });
+                (JobStatus::Failed, Some(why), result)
+            }
+        }
+        Ending::WallClock => (
+            JobStatus::TimedOut,
+            Some(format!(
+                "stopped after the time limit of {} s",
+                spec.timeout_secs
+            )),
+            result,
+        ),
+        Ending::Idle => (
+            JobStatus::TimedOut,
+            Some(format!(
+                "stopped: no output from the agent for {} s",
+                spec.idle_timeout_secs
+            )),
+            result,
+        ),
+        Ending::Cancelled => (JobStatus::Cancelled, Some("cancelled".into()), result),
+    }
+}
+
+fn truncate_utf8(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
+/// Kill the agent's whole process group (it may have started children).
+fn kill_group(pid: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: killpg only sends a signal; the group was created for this child.
+        unsafe {
+            libc::killpg(pid, libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Jobs run by real nodes with operator-defined agents (plain commands): success with the
+//! final message, failure with the exit code, wall-clock and idle limits, cancellation that
+//! kills the whole process group, and a re-run elsewhere after the worker is killed.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{poll, Mesh, Node, NodeOptions};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
+const WAIT: Duration = Duration::from_secs(45);
+
+fn json_of(response: common::HttpResponse) -> Value {
+    serde_json::from_str(&response.body).expect("JSON body")
+}
+
+fn submit(node: &Node, body: Value) -> String {
+    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
+    json_of(created)["id"].as_str().expect("id").to_string()
+}
+
+fn wait_job(node: &Node, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let path = format!("/api/v1/jobs/{id}");
+    poll(WAIT, what, || {
+        let job = json_of(node.api_ok("GET", &path, None));
+        if check(&job) {
+            Ok(job)
+        } else {
+            Err(job.to_string())
+        }
+    })
+}
+
+fn finished(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
+    )
+}
+
+/// One node with the given agents, its work directories under the mesh's temp root.
+fn single(agents: &[&str]) -> (Mesh, std::path::PathBuf) {
+    let mut extra: Vec<String> = Vec::new();
+    for agent in agents {
+        extra.extend(["--agent".to_string(), agent.to_string()]);
+    }
+    let workdirs = tempfile::tempdir().expect("temp dir").keep();
+    extra.extend(["--workdir-root".to_string(), workdirs.display().to_string()]);
+    let mesh = Mesh::start_with(
+        BIN,
+        vec![("n1".to_string(), NodeOptions::with_extra(&extra))],
+    );
+    (mesh, workdirs)
+}
+
+#[test]
+fn a_command_agent_runs_in_a_fresh_work_dir_and_reports_its_result() {
+    let (mesh, workdirs) = single(&[
+        "write=sh -c 'echo working; printf %s \"$0\" > note.txt; echo all done' '{prompt}'",
+        "fail=sh -c 'echo oops >&2; exit 3'",
+    ]);
+    let node = &mesh.nodes[0];
+    let id = submit(
+        node,
+        json!({"prompt": "hello; $(rm -rf /)", "agent": "write"}),
+    );
+    let job = wait_job(node, &id, "job to finish", finished);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["exit_code"], 0);
+    assert_eq!(job["result"]["final_message"], "all done");
+    assert_eq!(job["node_name"], "n1");
+    let note = std::fs::read_to_string(workdirs.join(&id).join("note.txt")).expect("note.txt");
+    assert_eq!(
+        note, "hello; $(rm -rf /)",
+        "the prompt reaches the agent verbatim, no shell"
+    );
+    let log = std::fs::read_to_string(node.data_dir().join("job-logs").join(format!("{id}.log")))
+        .expect("job log");
+    assert!(log.contains("working") && log.contains("all done"), "{log}");
+
+    let id = submit(node, json!({"prompt": "x", "agent": "fail"}));
+    let job = wait_job(node, &id, "failing job to finish", finished);
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["result"]["exit_code"], 3);
+    assert!(
+        job["reason"].as_str().is_some_and(|r| r.contains("code 3")),
+        "{job}"
+    );
+}
+
+#[test]
+fn wall_clock_and_idle_limits_stop_the_agent() {
+    let (mesh, _) = single(&[
+        "sleepy=sh -c 'sleep 60'",
+        "quiet=sh -c 'echo started; sleep 60'",
+    ]);
+    let node = &mesh.nodes[0];
+    let id = submit(
+        node,
+        json!({"prompt": "x", "agent": "sleepy", "timeout_secs": 2, "idle_timeout_secs": 100}),
+    );
+    let job = wait_job(node, &id, "wall-clock limit", finished);
+    assert_eq!(job["status"], "timed_out", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("time limit")),
+        "{job}"
+    );
+
+    let id = submit(
+        node,
+        json!({"prompt": "x", "agent": "quiet", "timeout_secs": 100, "idle_timeout_secs": 2}),
+    );
+    let job = wait_job(node, &id, "idle limit", finished);
+    assert_eq!(job["status"], "timed_out", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no output")),
+        "{job}"
+    );
+}
+
+fn alive(pid: &str) -> bool {
+    Path::new("/proc").join(pid.trim()).exists()
+}
+
+#[test]
+fn cancel_kills_the_whole_process_group() {
+    let (mesh, workdirs) =
+        single(&["tree=sh -c 'sleep 60 & echo $! > child.pid; echo $$ > sh.pid; wait'"]);
+    let node = &mesh.nodes[0];
+    let id = submit(node, json!({"prompt": "x", "agent": "tree"}));
+    wait_job(node, &id, "job running", |j| j["status"] == "running");
+    let dir = workdirs.join(&id);
+    let child = poll(WAIT, "the agent to write its child's pid", || {
+        std::fs::read_to_string(dir.join("child.pid")).map_err(|e| e.to_string())
+    });
+    assert!(alive(&child));
+    node.api_ok("POST", &format!("/api/v1/jobs/{id}/cancel"), None);
+    poll(WAIT, "the agent's child to be killed", || {
+        if alive(&child) {
+            Err(format!("pid {child} still alive"))
+        } else {
+            Ok(())
+        }
+    });
+    let job = wait_job(node, &id, "job cancelled", finished);
+    assert_eq!(job["status"], "cancelled");
+}
+
+#[test]
+fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
+    let agent = ["--agent", "slow=sh -c 'sleep 4; echo finished'"];
+    let specs = (1..=3)
+        .map(|i| (format!("n{i}"), NodeOptions::with_extra(&agent)))
+        .collect();
+    let mut mesh = Mesh::start_with(BIN, specs);
+    let view = mesh.wait_converged(
+        &mesh.all(),
+        common::Expect {
+            online: 3,
+            voters: Some(3),
+        },
+    );
+    let master = mesh
+        .nodes
+        .iter()
+        .position(|n| n.id() == view.master)
+        .expect("master");
+    // Keep the job off the master, whose death is another test's subject.
+    let master_name = mesh.nodes[master].name.clone();
+    mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
+    let watcher = &mesh.nodes[master];
+    let id = submit(watcher, json!({"prompt": "y", "agent": "slow"}));
+    let running = wait_job(watcher, &id, "job running", |j| j["status"] == "running");
+    let worker = running["node"].as_str().expect("node").to_string();
+    let worker_index = mesh
+        .nodes
+        .iter()
+        .position(|n| n.id() == worker)
+        .expect("worker");
+    assert_ne!(worker_index, master, "a draining node got the job");
+
+    mesh.nodes[worker_index].kill9();
+    let watcher = &mesh.nodes[master];
+    let job = wait_job(watcher, &id, "the re-run to finish", |j| {
+        j["attempt"] == 2 && finished(j)
+    });
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_ne!(job["node"].as_str(), Some(worker.as_str()));
+    assert_eq!(job["result"]["final_message"], "finished");
+}
