@@ -16,6 +16,7 @@ use crate::net::NetError;
 use crate::proto::election::Timing;
 use crate::proto::records::validate_tag;
 use crate::runner::agent::{find_program, parse_agent, Agents};
+use crate::runner::repos::RepoConfig;
 use crate::runner::RunnerConfig;
 use crate::store::{Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
@@ -234,6 +235,12 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             .unwrap_or_else(|| std::env::temp_dir().join("codex-mesh-jobs")),
         log_dir: data.root().join("job-logs"),
         agents: Agents { codex, commands },
+        repos: RepoConfig {
+            mirror_root: data.root().join("mirrors"),
+            github_url: args.github_url.clone(),
+            token: args.github_token.clone().filter(|t| !t.is_empty()),
+            allow_local: args.allow_local_repos,
+        },
     })
 }
 

@@ -195,3 +195,86 @@ fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
     assert_ne!(job["node"].as_str(), Some(worker.as_str()));
     assert_eq!(job["result"]["final_message"], "finished");
 }
+
+#[path = "support/git_server.rs"]
+mod git_server;
+
+#[test]
+fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository() {
+    let server = git_server::GitServer::start();
+    let app = server.repo("app", &[("README", "app\n"), ("src.txt", "a\nb\n")]);
+    let lib = server.repo("lib", &[("README", "lib\n")]);
+    let edit = "edit=sh -c 'for d in app lib; do echo change >> $d/README; done; echo new > app/added.txt; echo edited both'";
+    let specs = vec![
+        (
+            "n1".to_string(),
+            NodeOptions::with_extra(&["--agent", edit]),
+        ),
+        (
+            "n2".to_string(),
+            NodeOptions::with_extra(&["--agent", edit, "--tags", "builder"]),
+        ),
+    ];
+    let mesh = Mesh::start_with(BIN, specs);
+    let n1 = &mesh.nodes[0];
+    poll(WAIT, "n1 to see n2's tag", || {
+        let nodes = n1.nodes()?;
+        nodes
+            .iter()
+            .any(|n| n.tags == vec!["builder".to_string()])
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
+    let id = submit(
+        n1,
+        json!({"prompt": "edit", "agent": "edit", "tag": "builder", "repos": [app, format!("{lib}#main")]}),
+    );
+    let job = wait_job(n1, &id, "job with repositories to finish", finished);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["node_name"], "n2");
+    assert_eq!(job["result"]["final_message"], "edited both");
+    let diffs = job["result"]["diffs"].as_array().expect("diffs").clone();
+    assert_eq!(diffs.len(), 2, "{job}");
+    let files = |i: usize| -> Vec<(String, u64, u64)> {
+        let mut files: Vec<_> = diffs[i]["files"]
+            .as_array()
+            .expect("files")
+            .iter()
+            .map(|f| {
+                (
+                    f["path"].as_str().unwrap_or("").to_string(),
+                    f["added"].as_u64().unwrap_or(0),
+                    f["removed"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(diffs[0]["source"], app.as_str());
+    assert_eq!(
+        files(0),
+        vec![("README".into(), 1, 0), ("added.txt".into(), 1, 0)]
+    );
+    assert_eq!(files(1), vec![("README".into(), 1, 0)]);
+
+    // An unreachable repository fails the job quickly, with the reason.
+    let closed = format!("git://127.0.0.1:{}/gone.git", common::free_port());
+    let id = submit(
+        n1,
+        json!({"prompt": "x", "agent": "edit", "repos": [closed]}),
+    );
+    let job = wait_job(
+        n1,
+        &id,
+        "job with an unreachable repository to fail",
+        finished,
+    );
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot get")),
+        "{job}"
+    );
+}

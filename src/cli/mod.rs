@@ -203,6 +203,19 @@ pub struct NodeArgs {
     /// Where job work directories are made (default: <temp dir>/codex-mesh-jobs).
     #[arg(long, env = "CODEX_MESH_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
+    /// Token for fetching private repositories over https (never stored in a URL).
+    #[arg(long, env = "CODEX_MESH_GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+    /// Base URL that `owner/name` repositories are fetched from.
+    #[arg(
+        long,
+        env = "CODEX_MESH_GITHUB_URL",
+        default_value = "https://github.com"
+    )]
+    pub github_url: String,
+    /// Let jobs name repositories by absolute path on this node.
+    #[arg(long, env = "CODEX_MESH_ALLOW_LOCAL_REPOS")]
+    pub allow_local_repos: bool,
 }
 
 /// How a client command finds a node's API.

@@ -51,7 +51,7 @@ pub fn repo_kind(source: &str) -> Result<RepoKind, String> {
             Ok(RepoKind::LocalPath)
         };
     }
-    for scheme in ["https://", "http://", "ssh://"] {
+    for scheme in ["https://", "http://", "ssh://", "git://"] {
         if let Some(rest) = source.strip_prefix(scheme) {
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
             let host = authority.rsplit('@').next().unwrap_or("");
@@ -119,6 +119,7 @@ mod tests {
             ("https://github.com/o/r.git", RepoKind::Url),
             ("http://127.0.0.1:8080/r.git", RepoKind::Url),
             ("ssh://git@host/o/r.git", RepoKind::Url),
+            ("git://127.0.0.1:9418/r.git", RepoKind::Url),
             ("git@github.com:o/r.git", RepoKind::Url),
             ("/srv/git/repo", RepoKind::LocalPath),
         ];

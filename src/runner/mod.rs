@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod repos;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::proto::jobs::{JobResult, JobSpec, JobStatus};
 use agent::{Agents, PASSED_ENV};
 use events::{parse_line, Summary};
+use repos::{diff_summary, prepare, Checkout, RepoConfig};
 
 /// Where and how this node runs jobs.
 #[derive(Clone, Debug)]
@@ -27,6 +29,8 @@ pub struct RunnerConfig {
     pub log_dir: PathBuf,
     /// The agents this node can run.
     pub agents: Agents,
+    /// How repositories are fetched.
+    pub repos: RepoConfig,
 }
 
 /// A status change of a running job, for the mesh task to record.
@@ -117,9 +121,20 @@ async fn run(
             workdir.display()
         ));
     }
-    if !spec.repos.is_empty() {
-        return failed("this node cannot clone repositories yet; submit without --repo".into());
-    }
+    let deadline_at = Instant::now() + Duration::from_secs(spec.timeout_secs.into());
+    let checkouts: Vec<Checkout> = if spec.repos.is_empty() {
+        Vec::new()
+    } else {
+        let (repos, dir, repo_config) = (spec.repos.clone(), workdir.clone(), config.repos.clone());
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&repos, &dir, &repo_config, deadline_at))
+                .await;
+        match prepared {
+            Ok(Ok(checkouts)) => checkouts,
+            Ok(Err(e)) => return failed(e),
+            Err(e) => return failed(format!("preparing the repositories crashed: {e}")),
+        }
+    };
     let invocation = match config.agents.invocation(spec, &workdir) {
         Ok(i) => i,
         Err(e) => return failed(e),
@@ -264,10 +279,18 @@ async fn run(
             .filter(|t| !t.trim().is_empty()),
         None => None,
     };
+    let diffs = tokio::task::spawn_blocking(move || {
+        checkouts
+            .iter()
+            .filter_map(|c| diff_summary(c).ok())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
     let mut result = JobResult {
         exit_code: None,
         final_message: from_file.or(summary.last_message.clone()).or(last_stdout),
-        diffs: Vec::new(),
+        diffs,
         usage: summary.usage.clone(),
         duration_ms: 0,
     };
