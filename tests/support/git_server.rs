@@ -1,7 +1,7 @@
 //! Git repositories served on loopback by `git daemon`, for tests that clone.
 
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -72,11 +72,6 @@ impl GitServer {
     /// URL of repository `name`.
     pub fn url(&self, name: &str) -> String {
         format!("git://127.0.0.1:{}/{name}.git", self.port)
-    }
-
-    /// Working directory of repository `name` (to add commits).
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.root.path().join(format!("{name}.git"))
     }
 }
 
