@@ -278,3 +278,50 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
         "{job}"
     );
 }
+
+#[test]
+fn a_job_survives_the_death_of_the_master() {
+    let agent = ["--agent", "slow=sh -c 'sleep 4; echo survived'"];
+    let specs = (1..=3)
+        .map(|i| (format!("n{i}"), NodeOptions::with_extra(&agent)))
+        .collect();
+    let mut mesh = Mesh::start_with(BIN, specs);
+    let view = mesh.wait_converged(
+        &mesh.all(),
+        common::Expect {
+            online: 3,
+            voters: Some(3),
+        },
+    );
+    let master = mesh
+        .nodes
+        .iter()
+        .position(|n| n.id() == view.master)
+        .expect("master");
+    let master_name = mesh.nodes[master].name.clone();
+    mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
+    let id = submit(&mesh.nodes[master], json!({"prompt": "x", "agent": "slow"}));
+    let running = wait_job(&mesh.nodes[master], &id, "job running", |j| {
+        j["status"] == "running"
+    });
+    let worker = running["node"].as_str().expect("node").to_string();
+    mesh.nodes[master].kill9();
+    let live = mesh.all_except(&[master]);
+    let new = mesh.wait_new_master(&live, &view);
+    let observer = live
+        .iter()
+        .copied()
+        .find(|&i| mesh.nodes[i].id() != worker)
+        .expect("a node other than the worker");
+    let job = wait_job(
+        &mesh.nodes[observer],
+        &id,
+        "job to finish under the new master",
+        finished,
+    );
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "the job was not re-run");
+    assert_eq!(job["node"].as_str(), Some(worker.as_str()));
+    assert_eq!(job["result"]["final_message"], "survived");
+    assert!(new.epoch > view.epoch);
+}
