@@ -64,6 +64,9 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| e.to_string()),
             Command::Job { id, client } => jobs::show(id, client).await.map_err(|e| e.to_string()),
+            Command::Logs { id, follow, client } => jobs::logs(id, follow, client)
+                .await
+                .map_err(|e| e.to_string()),
             Command::Cancel { id, client } => jobs::act(id, "cancel", client)
                 .await
                 .map_err(|e| e.to_string()),

@@ -161,6 +161,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         runner: Arc::new(runner_config(&args, &data)?),
     };
     let mesh_id = config.mesh_id.clone();
+    let net_client = client.clone();
     let (mesh, handle) = Mesh::new(peer_id, config, store, client, metrics.clone())?;
     if fresh {
         data.save_mesh_key(&mesh_key)?;
@@ -172,6 +173,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         mesh: handle.clone(),
         token: Arc::new(token.clone()),
         metrics,
+        net: net_client,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_for_server = stop_rx.clone();

@@ -75,6 +75,22 @@ pub enum Request {
     /// The master gives a job to the receiver (the record carries the assignment and its
     /// epoch). Answered with `Ack` or `Refused(reason)`.
     Assign(Box<JobRecord>),
+    /// Read a job's log from `offset` (answered with `Response::Log`).
+    Log {
+        /// Job id.
+        job: String,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// A copy of a finished job's log, in order, for the master to keep.
+    StoreLog {
+        /// Job id.
+        job: String,
+        /// Byte offset of `data`.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -89,6 +105,11 @@ impl Request {
             }
             Request::SyncPush(r) if r.len() > MAX_RECORDS_PER_MESSAGE => {
                 Err("too many records".into())
+            }
+            Request::StoreLog { data, .. }
+                if data.len() as u64 > crate::runner::logs::CHUNK_BYTES =>
+            {
+                Err("log chunk too large".into())
             }
             _ => Ok(()),
         }
@@ -113,6 +134,13 @@ pub enum Response {
         want: Vec<String>,
         /// More records are waiting: run another round.
         more: bool,
+    },
+    /// A chunk of a job log and the log's total size.
+    Log {
+        /// The bytes from the requested offset.
+        data: Vec<u8>,
+        /// The size of the whole log.
+        size: u64,
     },
     /// The request was refused (e.g. the sender was removed from the mesh).
     Refused(String),

@@ -325,3 +325,55 @@ fn a_job_survives_the_death_of_the_master() {
     assert_eq!(job["result"]["final_message"], "survived");
     assert!(new.epoch > view.epoch);
 }
+
+#[test]
+fn any_peer_serves_the_log_which_outlives_the_worker() {
+    let agent = [
+        "--agent",
+        "talk=sh -c 'for i in 1 2 3; do echo line $i; sleep 1; done; echo bye'",
+    ];
+    let specs = vec![
+        ("n1".to_string(), NodeOptions::with_extra(&agent)),
+        ("n2".to_string(), NodeOptions::with_extra(&agent)),
+    ];
+    let mut mesh = Mesh::start_with(BIN, specs);
+    let n1 = &mesh.nodes[0];
+    poll(WAIT, "n1 to see n2", || {
+        let nodes = n1.nodes()?;
+        (nodes.iter().filter(|n| n.online).count() == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
+    let id = submit(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
+    // While it runs, n1 (not the worker) streams the log from n2.
+    let partial = poll(WAIT, "some output through n1", || {
+        let body = n1
+            .api_ok("GET", &format!("/api/v1/jobs/{id}/log"), None)
+            .body;
+        body.contains("line 1").then_some(body.clone()).ok_or(body)
+    });
+    assert!(!partial.contains("bye"), "read while running: {partial}");
+    let out = n1.cli(&["logs", &id, "-f"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let followed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(followed, "line 1\nline 2\nline 3\nbye\n");
+
+    // The master (n1, the only voter) kept a copy: the log survives the worker.
+    poll(WAIT, "the copy on the master", || {
+        let copy = n1.data_dir().join("job-logs").join(format!("{id}.log"));
+        std::fs::read_to_string(&copy)
+            .ok()
+            .filter(|t| t.contains("bye"))
+            .ok_or_else(|| "no copy yet".to_string())
+    });
+    mesh.nodes[1].kill9();
+    let n1 = &mesh.nodes[0];
+    let body = n1
+        .api_ok("GET", &format!("/api/v1/jobs/{id}/log?offset=7"), None)
+        .body;
+    assert_eq!(body, "line 2\nline 3\nbye\n");
+}

@@ -87,6 +87,39 @@ impl Api {
     }
 }
 
+impl Api {
+    /// GET a non-JSON body; returns the bytes and the `x-log-size` header.
+    pub(super) async fn get_bytes(&self, path: &str) -> Result<(Vec<u8>, u64), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        let size = response
+            .headers()
+            .get("x-log-size")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            Ok((bytes.to_vec(), size))
+        } else {
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let message = value["error"].as_str().unwrap_or("no reason given");
+            Err(ClientError::Refused(format!("{status}: {message}")))
+        }
+    }
+}
+
 pub(super) fn print_json(value: &Value) {
     println!(
         "{}",

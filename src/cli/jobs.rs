@@ -194,3 +194,38 @@ pub async fn act(id: String, action: &str, client: ClientArgs) -> Result<(), Cli
     }
     Ok(())
 }
+
+/// `codex-mesh logs ID [-f]`: print the job's log; with `follow`, keep printing until the job
+/// has finished and its log is complete.
+pub async fn logs(id: String, follow: bool, client: ClientArgs) -> Result<(), ClientError> {
+    use std::io::Write;
+    let api = Api::locate(&client)?;
+    let id_path = urlencode(&id);
+    let mut offset = 0u64;
+    loop {
+        let (data, size) = api
+            .get_bytes(&format!("/api/v1/jobs/{id_path}/log?offset={offset}"))
+            .await?;
+        offset += data.len() as u64;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&data);
+        let _ = out.flush();
+        if !data.is_empty() && offset < size {
+            continue; // more is already there
+        }
+        if !follow {
+            return Ok(());
+        }
+        let job = api
+            .call(Method::GET, &format!("/api/v1/jobs/{id_path}"), None)
+            .await?;
+        let done = matches!(
+            job["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
+        );
+        if done && data.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

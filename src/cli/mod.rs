@@ -63,6 +63,17 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a job's log; with -f, follow it until the job ends.
+    Logs {
+        /// Job id.
+        id: String,
+        /// Keep printing new output until the job has finished.
+        #[arg(short, long)]
+        follow: bool,
+        /// API options.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Cancel a job.
     Cancel {
         /// Job id.

@@ -9,7 +9,10 @@ use serde::Deserialize;
 
 use super::{ApiError, ApiState};
 use crate::mesh::jobs::{JobAction, JobError, JobQuery, SubmitRequest};
+use crate::mesh::LogSource;
 use crate::proto::jobs::{JobStatus, Origin, Sandbox};
+use crate::runner::logs;
+use crate::wire::{Request, Response as PeerResponse};
 
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
@@ -142,4 +145,65 @@ pub(super) async fn retry(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(s.mesh.job_action(id, JobAction::Retry).await?).into_response())
+}
+
+/// Query of `GET /api/v1/jobs/{id}/log`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    offset: Option<u64>,
+}
+
+/// Up to 256 KiB of a job's log from `offset`, as text, with the log's size in `x-log-size`.
+/// Any peer answers: it reads its own copy, or asks the worker, then the master.
+pub(super) async fn log(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let offset = query.offset.unwrap_or(0);
+    let (data, size) = match s.mesh.log_source(id.clone()).await? {
+        LogSource::Local(path) => {
+            tokio::task::spawn_blocking(move || logs::read_chunk(&path, offset, logs::CHUNK_BYTES))
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot read the log: {e}"),
+                    )
+                })?
+        }
+        LogSource::Remote(peers) => {
+            let mut answer = None;
+            for peer in peers {
+                let request = Request::Log {
+                    job: id.clone(),
+                    offset,
+                };
+                if let Ok(Ok(PeerResponse::Log { data, size })) = s.net.request(peer, request).await
+                {
+                    answer = Some((data, size));
+                    break;
+                }
+            }
+            // No log anywhere yet (the job has not started): an empty log.
+            answer.unwrap_or((Vec::new(), 0))
+        }
+    };
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-log-size"),
+                size.to_string(),
+            ),
+        ],
+        data,
+    )
+        .into_response())
 }

@@ -28,6 +28,8 @@ pub struct ApiState {
     pub token: Arc<String>,
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
+    /// The network, to fetch job logs from other peers.
+    pub net: crate::net::Client,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -85,6 +87,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::show))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/api/v1/jobs/{id}/log", get(jobs::log))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -38,6 +38,13 @@ pub enum ApiRequest {
         /// The page.
         reply: oneshot::Sender<Result<JobList, JobError>>,
     },
+    /// Where a job's log is.
+    LogSource {
+        /// Job id.
+        id: String,
+        /// The answer.
+        reply: oneshot::Sender<Result<super::runs::LogSource, JobError>>,
+    },
     /// One job.
     Job {
         /// Job id.
@@ -117,6 +124,13 @@ impl MeshHandle {
     /// One job.
     pub async fn job(&self, id: String) -> Result<JobView, JobError> {
         self.ask(|reply| ApiRequest::Job { id, reply })
+            .await
+            .unwrap_or(Err(JobError::Unavailable))
+    }
+
+    /// Where a job's log is.
+    pub async fn log_source(&self, id: String) -> Result<super::runs::LogSource, JobError> {
+        self.ask(|reply| ApiRequest::LogSource { id, reply })
             .await
             .unwrap_or(Err(JobError::Unavailable))
     }

@@ -12,7 +12,7 @@
 pub mod handle;
 pub mod jobs;
 mod liveness;
-mod runs;
+pub mod runs;
 mod scheduler;
 mod sync;
 pub mod views;
@@ -44,6 +44,7 @@ use crate::wire::{Gossip, Request, Response, MAX_RECORDS_PER_MESSAGE};
 
 pub use handle::{ApiRequest, MeshHandle};
 use liveness::Liveness;
+pub use runs::LogSource;
 use views::{ActionError, MemberCount, NodeAction, NodeView, StatusView};
 
 const ELECTION_META: &str = "election";
@@ -738,6 +739,8 @@ impl Mesh {
                 }
             }
             Request::Assign(record) => self.accept_assignment(&record),
+            Request::Log { job, offset } => self.serve_log(&job, offset),
+            Request::StoreLog { job, offset, data } => self.store_log(&job, offset, &data),
             Request::SyncPush(records) => {
                 let changed = self.apply_remote(records);
                 self.metrics
@@ -831,6 +834,9 @@ impl Mesh {
             }
             ApiRequest::Jobs { query, reply } => {
                 let _ = reply.send(self.list_jobs(&query));
+            }
+            ApiRequest::LogSource { id, reply } => {
+                let _ = reply.send(self.log_source(&id));
             }
             ApiRequest::Job { id, reply } => {
                 let _ = reply.send(self.get_job(&id));

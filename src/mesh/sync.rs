@@ -90,7 +90,7 @@ impl Mesh {
                 tracing::info!("{peer} refused anti-entropy: {reason}");
                 self.sync_sessions.remove(&peer);
             }
-            Response::Ack | Response::Election(_) => {
+            Response::Ack | Response::Election(_) | Response::Log { .. } => {
                 self.sync_sessions.remove(&peer);
             }
         }

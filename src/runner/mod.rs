@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod logs;
 pub mod repos;
 
 use std::path::PathBuf;
