@@ -17,6 +17,7 @@ use crate::proto::election::Timing;
 use crate::proto::records::validate_tag;
 use crate::runner::agent::{find_program, parse_agent, Agents};
 use crate::runner::repos::RepoConfig;
+use crate::runner::retention::Retention;
 use crate::runner::RunnerConfig;
 use crate::store::{Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
@@ -243,6 +244,12 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             token: args.github_token.clone().filter(|t| !t.is_empty()),
             allow_local: args.allow_local_repos,
         },
+        retention: Retention {
+            keep: args.keep_workdirs,
+            max_age: std::time::Duration::from_secs(args.workdir_max_age_hours * 3600),
+            keep_failed: args.keep_failed_workdirs,
+        },
+        active: Default::default(),
     })
 }
 

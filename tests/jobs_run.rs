@@ -377,3 +377,43 @@ fn any_peer_serves_the_log_which_outlives_the_worker() {
         .body;
     assert_eq!(body, "line 2\nline 3\nbye\n");
 }
+
+#[test]
+fn old_work_directories_are_cleaned_but_failed_ones_can_be_kept() {
+    let workdirs = tempfile::tempdir().expect("temp dir").keep();
+    let extra = [
+        "--agent",
+        "ok=true",
+        "--agent",
+        "bad=false",
+        "--workdir-root",
+        &workdirs.display().to_string(),
+        "--keep-workdirs",
+        "1",
+        "--keep-failed-workdirs",
+    ]
+    .map(String::from);
+    let mesh = Mesh::start_with(
+        BIN,
+        vec![("n1".to_string(), NodeOptions::with_extra(&extra))],
+    );
+    let node = &mesh.nodes[0];
+    let mut ids = Vec::new();
+    for agent in ["bad", "ok", "ok", "ok"] {
+        let id = submit(node, json!({"prompt": "x", "agent": agent}));
+        wait_job(node, &id, "job to finish", finished);
+        ids.push(id);
+    }
+    let mut left: Vec<String> = std::fs::read_dir(&workdirs)
+        .expect("work root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    let mut expected = vec![ids[0].clone(), ids[3].clone()];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the failed job's and the newest directory remain"
+    );
+}

@@ -227,6 +227,15 @@ pub struct NodeArgs {
     /// Let jobs name repositories by absolute path on this node.
     #[arg(long, env = "CODEX_MESH_ALLOW_LOCAL_REPOS")]
     pub allow_local_repos: bool,
+    /// Keep at most this many job work directories (newest first).
+    #[arg(long, env = "CODEX_MESH_KEEP_WORKDIRS", default_value_t = 20)]
+    pub keep_workdirs: usize,
+    /// Remove job work directories older than this many hours.
+    #[arg(long, env = "CODEX_MESH_WORKDIR_MAX_AGE_HOURS", default_value_t = 72)]
+    pub workdir_max_age_hours: u64,
+    /// Keep the work directories of jobs that did not succeed (for inspection).
+    #[arg(long, env = "CODEX_MESH_KEEP_FAILED_WORKDIRS")]
+    pub keep_failed_workdirs: bool,
 }
 
 /// How a client command finds a node's API.

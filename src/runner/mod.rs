@@ -6,6 +6,7 @@ pub mod agent;
 pub mod events;
 pub mod logs;
 pub mod repos;
+pub mod retention;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -32,6 +33,10 @@ pub struct RunnerConfig {
     pub agents: Agents,
     /// How repositories are fetched.
     pub repos: RepoConfig,
+    /// Which work directories are kept.
+    pub retention: retention::Retention,
+    /// Jobs running now (their work directories are never cleaned).
+    pub active: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// A status change of a running job, for the mesh task to record.
@@ -83,6 +88,9 @@ pub fn start(
             result,
         };
         let started = Instant::now();
+        if let Ok(mut active) = config.active.lock() {
+            active.insert(spec.id.clone());
+        }
         report(update(JobStatus::Preparing, None, None));
         let outcome = run(&spec, &config, cancelled, &|status| {
             report(update(status, None, None))
@@ -90,7 +98,21 @@ pub fn start(
         .await;
         let (status, reason, mut result) = outcome;
         result.duration_ms = started.elapsed().as_millis() as u64;
+        let workdir = config.workdir_root.join(&spec.id);
+        if status != JobStatus::Succeeded && workdir.is_dir() {
+            let _ = tokio::fs::write(workdir.join(retention::FAILED_MARKER), b"").await;
+        }
         report(update(status, reason, Some(result)));
+        let running: Vec<String> = match config.active.lock() {
+            Ok(mut active) => {
+                active.remove(&spec.id);
+                active.iter().cloned().collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let (root, policy) = (config.workdir_root.clone(), config.retention);
+        let _ =
+            tokio::task::spawn_blocking(move || retention::clean(&root, policy, &running)).await;
     });
     RunHandle { cancel }
 }
