@@ -417,3 +417,47 @@ fn old_work_directories_are_cleaned_but_failed_ones_can_be_kept() {
         "the failed job's and the newest directory remain"
     );
 }
+
+#[test]
+fn any_peer_streams_a_jobs_events_until_it_ends() {
+    let agent = [
+        "--agent",
+        "talk=sh -c 'echo first; sleep 1; printf \"progress\\r\\n\"; echo last'",
+    ];
+    let specs = vec![
+        ("n1".to_string(), NodeOptions::with_extra(&agent)),
+        ("n2".to_string(), NodeOptions::with_extra(&agent)),
+    ];
+    let mesh = Mesh::start_with(BIN, specs);
+    let n1 = &mesh.nodes[0];
+    poll(WAIT, "n1 to see n2", || {
+        let nodes = n1.nodes()?;
+        (nodes.iter().filter(|n| n.online).count() == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
+    let id = submit(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
+    // The stream ends by itself once the job has finished and its log was sent.
+    let body = n1
+        .api_ok("GET", &format!("/api/v1/jobs/{id}/events"), None)
+        .body;
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"job"), "{body}");
+    assert_eq!(events.last(), Some(&"end"), "{body}");
+    assert!(events.contains(&"log"), "{body}");
+    for text in [
+        "data: first",
+        "data: progress",
+        "data: last",
+        "\"status\":\"succeeded\"",
+    ] {
+        assert!(body.contains(text), "missing {text:?} in {body}");
+    }
+    let missing = n1
+        .api("GET", "/api/v1/jobs/01NOPE/events", None)
+        .expect("request");
+    assert_eq!(missing.status, 404);
+}

@@ -3,6 +3,7 @@
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -154,44 +155,42 @@ pub struct LogQuery {
     offset: Option<u64>,
 }
 
+/// Up to 256 KiB of job `id`'s log from `offset`, and the log's size. Reads this peer's copy,
+/// or asks the worker, then the master; no log anywhere yet reads as empty.
+async fn fetch_log(s: &ApiState, id: &str, offset: u64) -> Result<(Vec<u8>, u64), ApiError> {
+    let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
+    match s.mesh.log_source(id.to_string()).await? {
+        LogSource::Local(path) => {
+            tokio::task::spawn_blocking(move || logs::read_chunk(&path, offset, logs::CHUNK_BYTES))
+                .await
+                .map_err(|e| internal(e.to_string()))?
+                .map_err(|e| internal(format!("cannot read the log: {e}")))
+        }
+        LogSource::Remote(peers) => {
+            for peer in peers {
+                let request = Request::Log {
+                    job: id.to_string(),
+                    offset,
+                };
+                if let Ok(Ok(PeerResponse::Log { data, size })) = s.net.request(peer, request).await
+                {
+                    return Ok((data, size));
+                }
+            }
+            Ok((Vec::new(), 0))
+        }
+    }
+}
+
 /// Up to 256 KiB of a job's log from `offset`, as text, with the log's size in `x-log-size`.
-/// Any peer answers: it reads its own copy, or asks the worker, then the master.
+/// Any peer answers.
 pub(super) async fn log(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let offset = query.offset.unwrap_or(0);
-    let (data, size) = match s.mesh.log_source(id.clone()).await? {
-        LogSource::Local(path) => {
-            tokio::task::spawn_blocking(move || logs::read_chunk(&path, offset, logs::CHUNK_BYTES))
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                .map_err(|e| {
-                    ApiError(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot read the log: {e}"),
-                    )
-                })?
-        }
-        LogSource::Remote(peers) => {
-            let mut answer = None;
-            for peer in peers {
-                let request = Request::Log {
-                    job: id.clone(),
-                    offset,
-                };
-                if let Ok(Ok(PeerResponse::Log { data, size })) = s.net.request(peer, request).await
-                {
-                    answer = Some((data, size));
-                    break;
-                }
-            }
-            // No log anywhere yet (the job has not started): an empty log.
-            answer.unwrap_or((Vec::new(), 0))
-        }
-    };
+    let (data, size) = fetch_log(&s, &id, query.offset.unwrap_or(0)).await?;
     Ok((
         [
             (
@@ -206,4 +205,88 @@ pub(super) async fn log(
         data,
     )
         .into_response())
+}
+
+/// How often the event stream looks for news.
+const EVENTS_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+struct EventState {
+    s: ApiState,
+    id: String,
+    offset: u64,
+    last: Option<(String, u32, Option<String>)>,
+    finished: bool,
+    pending: std::collections::VecDeque<Event>,
+}
+
+/// Live events of a job as server-sent events: `job` (the job object, whenever its status,
+/// attempt or reason changes), `log` (new log text), and `end` once the job has finished and
+/// its log has been sent. Any peer serves it.
+pub(super) async fn events(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    s.mesh.job(id.clone()).await?;
+    let state = EventState {
+        s,
+        id,
+        offset: 0,
+        last: None,
+        finished: false,
+        pending: Default::default(),
+    };
+    let stream = futures::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            if let Some(event) = state.pending.pop_front() {
+                return Some((Ok::<Event, std::convert::Infallible>(event), Some(state)));
+            }
+            if state.finished {
+                return None;
+            }
+            poll_job(&mut state).await;
+            if state.pending.is_empty() && !state.finished {
+                tokio::time::sleep(EVENTS_POLL).await;
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn poll_job(state: &mut EventState) {
+    let Ok(job) = state.s.mesh.job(state.id.clone()).await else {
+        state.finished = true;
+        return;
+    };
+    let key = (format!("{:?}", job.status), job.attempt, job.reason.clone());
+    let terminal = job.status.is_terminal();
+    if state.last.as_ref() != Some(&key) {
+        state.last = Some(key);
+        if let Ok(json) = serde_json::to_string(&job) {
+            state
+                .pending
+                .push_back(Event::default().event("job").data(json));
+        }
+    }
+    if let Ok((data, size)) = fetch_log(&state.s, &state.id, state.offset).await {
+        if !data.is_empty() {
+            state.offset += data.len() as u64;
+            // SSE cannot carry carriage returns; progress bars lose nothing that matters.
+            let text = String::from_utf8_lossy(&data).replace('\r', "");
+            state
+                .pending
+                .push_back(Event::default().event("log").data(text));
+        }
+        let drained = state.offset >= size;
+        if terminal && drained {
+            state
+                .pending
+                .push_back(Event::default().event("end").data(""));
+            state.finished = true;
+        }
+    } else if terminal {
+        state.finished = true;
+    }
 }
