@@ -192,6 +192,18 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
+/// A command the agent ran.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CommandRun {
+    /// The command line (at most 512 bytes kept).
+    pub command: String,
+    /// Its exit code, if reported.
+    pub exit_code: Option<i64>,
+}
+
+/// Most commands kept in a result.
+pub const MAX_RESULT_COMMANDS: usize = 200;
+
 /// What a finished attempt produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct JobResult {
@@ -205,6 +217,9 @@ pub struct JobResult {
     pub usage: Option<Usage>,
     /// Wall-clock duration in ms.
     pub duration_ms: u64,
+    /// Commands the agent ran (Codex agents), in order.
+    #[serde(default)]
+    pub commands: Vec<CommandRun>,
 }
 
 /// Where an attempt stands.
@@ -308,7 +323,12 @@ impl JobRecord {
             return Err("timeout out of range".into());
         }
         let result_size = self.progress.0.result.as_ref().map_or(0, |r| {
-            r.final_message.as_ref().map_or(0, String::len) + r.diffs.len() * 64
+            r.final_message.as_ref().map_or(0, String::len)
+                + r.diffs.iter().map(|d| d.files.len() * 64).sum::<usize>()
+                + r.commands
+                    .iter()
+                    .map(|c| c.command.len() + 16)
+                    .sum::<usize>()
         });
         if result_size > 1 << 20 {
             return Err("result too large".into());

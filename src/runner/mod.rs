@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
-use crate::proto::jobs::{JobResult, JobSpec, JobStatus};
+use crate::proto::jobs::{CommandRun, JobResult, JobSpec, JobStatus, MAX_RESULT_COMMANDS};
 use agent::{Agents, PASSED_ENV};
 use events::{parse_line, Summary};
 use repos::{diff_summary, prepare, Checkout, RepoConfig};
@@ -310,7 +310,21 @@ async fn run(
     })
     .await
     .unwrap_or_default();
+    let commands = summary
+        .commands
+        .iter()
+        .take(MAX_RESULT_COMMANDS)
+        .map(|(command, exit_code)| {
+            let mut command = command.clone();
+            truncate_utf8(&mut command, 512);
+            CommandRun {
+                command,
+                exit_code: *exit_code,
+            }
+        })
+        .collect();
     let mut result = JobResult {
+        commands,
         exit_code: None,
         final_message: from_file.or(summary.last_message.clone()).or(last_stdout),
         diffs,
