@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+echo "==> Codex CLI (pinned, for the end-to-end tests)"
+if [ -z "${CODEX_BIN:-}" ]; then
+  CODEX_BIN=$(scripts/install-codex.sh)
+fi
+export CODEX_BIN
+echo "codex: $CODEX_BIN"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
