@@ -331,6 +331,7 @@ impl Mesh {
                     Some(Input::JobUpdate(update)) => self.on_job_update(update),
                 },
             }
+            self.schedule_if_due();
         }
         tracing::info!("mesh task stopped; store is consistent");
     }
@@ -370,8 +371,7 @@ impl Mesh {
                 self.manage_voters(now);
             }
             if now >= self.next_schedule {
-                self.next_schedule = now + scheduler::SCHEDULE_EVERY_MS;
-                self.schedule(now);
+                self.scheduler.wake();
             }
         }
         if self.own_record_dirty || now >= self.next_record_refresh {
@@ -603,7 +603,14 @@ impl Mesh {
                 }
             }
             Record::Master(master) => self.observe_epoch(master.0.epoch),
-            Record::Job(job) => self.check_run(job),
+            Record::Job(job) => {
+                self.check_run(job);
+                // A new queued job or a freed slot: the master schedules right away.
+                let status = job.progress.0.status;
+                if status == crate::proto::jobs::JobStatus::Queued || status.is_terminal() {
+                    self.scheduler.wake();
+                }
+            }
             Record::Node(_) => {}
         }
     }

@@ -14,7 +14,8 @@ use crate::proto::records::{Key, Record};
 use crate::proto::schedule::{choose, Decision, NodeLoad};
 use crate::wire::{Request, Response};
 
-/// How often the master looks at the queue.
+/// How often the master looks at the queue without being woken (for waits that end by time:
+/// a node coming back, a refusal backoff running out).
 pub const SCHEDULE_EVERY_MS: u64 = 250;
 /// How long a node that refused a job is skipped for it.
 const REFUSAL_BACKOFF_MS: u64 = 10_000;
@@ -30,6 +31,15 @@ pub struct SchedulerState {
     epoch: u64,
     /// Per job: nodes that refused it, until when.
     refusals: HashMap<String, Vec<(NodeId, u64)>>,
+    /// Something changed that may let a queued job run: schedule after the current input.
+    woken: bool,
+}
+
+impl SchedulerState {
+    /// Ask for a scheduling round as soon as the current input is handled.
+    pub fn wake(&mut self) {
+        self.woken = true;
+    }
 }
 
 fn is_active(status: JobStatus) -> bool {
@@ -109,8 +119,23 @@ impl Mesh {
         }
     }
 
+    /// Run a scheduling round if one was asked for and this node acts as master.
+    pub(super) fn schedule_if_due(&mut self) {
+        if !self.scheduler.woken {
+            return;
+        }
+        self.scheduler.woken = false;
+        let now = self.now();
+        if self.election.is_master(now) {
+            self.next_schedule = now + SCHEDULE_EVERY_MS;
+            self.schedule(now);
+            // Records written by this round wake the scheduler again; nothing is left to do.
+            self.scheduler.woken = false;
+        }
+    }
+
     /// One scheduling round. Only call while this node acts as master.
-    pub(super) fn schedule(&mut self, now: u64) {
+    fn schedule(&mut self, now: u64) {
         let jobs = self.jobs();
         self.handle_lost_jobs(&jobs, now);
         let jobs = self.jobs();
