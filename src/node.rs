@@ -160,6 +160,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         timing: Timing::default(),
         machine: crate::sysinfo::probe(),
         runner: Arc::new(runner_config(&args, &data)?),
+        lost_requeues: args.lost_requeues,
     };
     let mesh_id = config.mesh_id.clone();
     let net_client = client.clone();

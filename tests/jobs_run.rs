@@ -461,3 +461,43 @@ fn any_peer_streams_a_jobs_events_until_it_ends() {
         .expect("request");
     assert_eq!(missing.status, 404);
 }
+
+#[test]
+fn the_agent_gets_a_scrubbed_environment() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let data = root.path().join("n1");
+    let mut args = common::up_args(
+        &data,
+        "n1",
+        &NodeOptions::with_extra(&["--agent", "env=env"]),
+    );
+    args.extend([
+        "--github-token".to_string(),
+        "tok-should-not-leak-42".to_string(),
+    ]);
+    let envs = vec![
+        ("NODE_ONLY_SECRET".to_string(), "hush-17".to_string()),
+        ("CODEX_HOME".to_string(), "/somewhere/codex".to_string()),
+    ];
+    let mut node = Node::spawn_with_env(Path::new(BIN), "n1", &data, args, envs);
+    node.wait_ready(WAIT);
+    let id = submit(&node, json!({"prompt": "x", "agent": "env"}));
+    let job = wait_job(&node, &id, "env job", finished);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let log = node
+        .api_ok("GET", &format!("/api/v1/jobs/{id}/log"), None)
+        .body;
+    assert!(log.contains("PATH="), "{log}");
+    assert!(log.contains("CODEX_HOME=/somewhere/codex"), "{log}");
+    for secret in [
+        "hush-17",
+        "NODE_ONLY_SECRET",
+        "tok-should-not-leak-42",
+        "RUST_LOG",
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the agent: {log}"
+        );
+    }
+}

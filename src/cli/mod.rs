@@ -233,6 +233,9 @@ pub struct NodeArgs {
     /// Remove job work directories older than this many hours.
     #[arg(long, env = "CODEX_MESH_WORKDIR_MAX_AGE_HOURS", default_value_t = 72)]
     pub workdir_max_age_hours: u64,
+    /// How many times a job whose node went offline is queued again (as a new attempt).
+    #[arg(long, env = "CODEX_MESH_LOST_REQUEUES", default_value_t = 1)]
+    pub lost_requeues: u32,
     /// Keep the work directories of jobs that did not succeed (for inspection).
     #[arg(long, env = "CODEX_MESH_KEEP_FAILED_WORKDIRS")]
     pub keep_failed_workdirs: bool,

@@ -86,6 +86,8 @@ pub struct MeshConfig {
     pub machine: MachineInfo,
     /// How this node runs jobs.
     pub runner: Arc<RunnerConfig>,
+    /// How many times the master re-queues a job whose node went offline.
+    pub lost_requeues: u32,
 }
 
 /// Inputs of the mesh task.

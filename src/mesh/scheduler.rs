@@ -19,8 +19,6 @@ use crate::wire::{Request, Response};
 pub const SCHEDULE_EVERY_MS: u64 = 250;
 /// How long a node that refused a job is skipped for it.
 const REFUSAL_BACKOFF_MS: u64 = 10_000;
-/// Automatic re-queues after a job's node was lost.
-const AUTO_REQUEUES: u32 = 1;
 
 /// The master's scheduling bookkeeping (in memory: a new master starts afresh).
 #[derive(Debug, Default)]
@@ -293,7 +291,7 @@ impl Mesh {
             };
             tracing::info!(job = %job.spec.id, node = %name, "job lost");
             self.write_progress(job, lost, None);
-            if current.attempt <= AUTO_REQUEUES {
+            if current.attempt <= self.config.lost_requeues {
                 let again = Progress {
                     attempt: current.attempt + 1,
                     assignment: (0, 0),
