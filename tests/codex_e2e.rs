@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{poll, Mesh, Node, NodeOptions};
+use common::{job_finished, json_of, poll, submit_job, wait_job, Mesh, Node, NodeOptions};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
@@ -97,34 +97,6 @@ impl Drop for FakeModel {
     }
 }
 
-fn json_of(response: common::HttpResponse) -> Value {
-    serde_json::from_str(&response.body).expect("JSON body")
-}
-
-fn submit(node: &Node, body: Value) -> String {
-    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
-    json_of(created)["id"].as_str().expect("id").to_string()
-}
-
-fn wait_job(node: &Node, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let path = format!("/api/v1/jobs/{id}");
-    poll(WAIT, what, || {
-        let job = json_of(node.api_ok("GET", &path, None));
-        if check(&job) {
-            Ok(job)
-        } else {
-            Err(job.to_string())
-        }
-    })
-}
-
-fn finished(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
-    )
-}
-
 /// A mesh of `n` nodes that run Codex with `home` as `CODEX_HOME`.
 fn codex_mesh(n: usize, home: &Path) -> Mesh {
     let codex = codex_bin();
@@ -181,11 +153,11 @@ fn codex_edits_two_repositories_on_a_two_node_mesh() {
     let home = model.codex_home(dir.path());
     let mesh = codex_mesh(2, &home);
     let n1 = &mesh.nodes[0];
-    let id = submit(
+    let id = submit_job(
         n1,
         json!({"prompt": "Note the edit in both READMEs", "tag": "builder", "repos": [app, lib]}),
     );
-    let job = wait_job(n1, &id, "the codex job to finish", finished);
+    let job = wait_job(n1, &id, "the codex job to finish", job_finished);
     assert_eq!(job["status"], "succeeded", "{job}\n{}", model.requests());
     assert_eq!(job["node_name"], "n2");
     let result = &job["result"];
@@ -239,11 +211,11 @@ fn a_stalled_model_trips_the_idle_watchdog_and_cancel_stops_codex() {
     let mesh = codex_mesh(1, &home);
     let node = &mesh.nodes[0];
 
-    let id = submit(
+    let id = submit_job(
         node,
         json!({"prompt": "stall-one", "idle_timeout_secs": 3, "timeout_secs": 300}),
     );
-    let job = wait_job(node, &id, "the idle watchdog", finished);
+    let job = wait_job(node, &id, "the idle watchdog", job_finished);
     assert_eq!(job["status"], "timed_out", "{job}");
     assert!(
         job["reason"]
@@ -252,7 +224,7 @@ fn a_stalled_model_trips_the_idle_watchdog_and_cancel_stops_codex() {
         "{job}"
     );
 
-    let id = submit(
+    let id = submit_job(
         node,
         json!({"prompt": "stall-two", "idle_timeout_secs": 300, "timeout_secs": 300}),
     );
@@ -270,7 +242,7 @@ fn a_stalled_model_trips_the_idle_watchdog_and_cancel_stops_codex() {
         running().then_some(()).ok_or("not yet".to_string())
     });
     node.api_ok("POST", &format!("/api/v1/jobs/{id}/cancel"), None);
-    let job = wait_job(node, &id, "the cancelled job", finished);
+    let job = wait_job(node, &id, "the cancelled job", job_finished);
     assert_eq!(job["status"], "cancelled", "{job}");
     poll(WAIT, "codex to be gone", || {
         (!running())

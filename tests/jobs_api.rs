@@ -5,15 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{poll, Mesh, NodeOptions};
+use common::{json_of, poll, submit_job, wait_job, Mesh, NodeOptions};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
 const WAIT: Duration = Duration::from_secs(30);
-
-fn json_of(response: common::HttpResponse) -> Value {
-    serde_json::from_str(&response.body).expect("JSON body")
-}
 
 #[test]
 fn a_job_submitted_on_one_peer_is_replicated_cancelled_and_retried() {
@@ -184,24 +180,6 @@ fn jobs_can_be_submitted_without_a_reachable_master() {
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
 }
 
-/// Poll job `id` on `node` until `check` accepts it.
-fn wait_job(node: &common::Node, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let path = format!("/api/v1/jobs/{id}");
-    poll(WAIT, what, || {
-        let job = json_of(node.api_ok("GET", &path, None));
-        if check(&job) {
-            Ok(job)
-        } else {
-            Err(job.to_string())
-        }
-    })
-}
-
-fn submit(node: &common::Node, body: Value) -> String {
-    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
-    json_of(created)["id"].as_str().expect("id").to_string()
-}
-
 #[test]
 fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     // `hold` keeps a slot busy long enough to observe the queue around it.
@@ -225,14 +203,14 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     let n3 = &mesh.nodes[2];
 
     // A tag target goes to the node with the tag; the next one waits for its only slot.
-    let first = submit(n3, json!({"prompt": "one", "tag": "gpu", "agent": "hold"}));
+    let first = submit_job(n3, json!({"prompt": "one", "tag": "gpu", "agent": "hold"}));
     let job = wait_job(n3, &first, "first gpu job running", |j| {
         j["status"] == "running"
     });
     assert_eq!(job["node"], n2_id.as_str());
     assert_eq!(job["node_name"], "n2");
     assert!(job["epoch"].as_u64().is_some_and(|e| e >= 1));
-    let second = submit(n3, json!({"prompt": "two", "tag": "gpu", "agent": "hold"}));
+    let second = submit_job(n3, json!({"prompt": "two", "tag": "gpu", "agent": "hold"}));
     let waiting = wait_job(n3, &second, "second gpu job to wait", |j| {
         j["reason"]
             .as_str()
@@ -241,7 +219,7 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     assert_eq!(waiting["status"], "queued");
 
     // An explicit target gets that node, unless it is draining.
-    let pinned = submit(
+    let pinned = submit_job(
         n3,
         json!({"prompt": "three", "node": "n3", "agent": "hold"}),
     );
@@ -250,13 +228,13 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
     });
     assert_eq!(job["node"], n3_id.as_str());
     n3.api_ok("POST", "/api/v1/nodes/n3/drain", None);
-    let blocked = submit(n3, json!({"prompt": "four", "node": "n3", "agent": "hold"}));
+    let blocked = submit_job(n3, json!({"prompt": "four", "node": "n3", "agent": "hold"}));
     wait_job(n3, &blocked, "job for a draining node to wait", |j| {
         j["status"] == "queued" && j["reason"].as_str().is_some_and(|r| r.contains("draining"))
     });
 
     // No node has the codex CLI here: a codex job waits and says so.
-    let codex = submit(n3, json!({"prompt": "five"}));
+    let codex = submit_job(n3, json!({"prompt": "five"}));
     wait_job(n3, &codex, "codex job to wait for a node with codex", |j| {
         j["status"] == "queued" && j["reason"].as_str().is_some_and(|r| r.contains("codex"))
     });

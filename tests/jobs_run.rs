@@ -7,39 +7,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{poll, Mesh, Node, NodeOptions};
-use serde_json::{json, Value};
+use common::{job_finished, poll, submit_job, wait_job, Mesh, Node, NodeOptions};
+use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
 const WAIT: Duration = Duration::from_secs(45);
-
-fn json_of(response: common::HttpResponse) -> Value {
-    serde_json::from_str(&response.body).expect("JSON body")
-}
-
-fn submit(node: &Node, body: Value) -> String {
-    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
-    json_of(created)["id"].as_str().expect("id").to_string()
-}
-
-fn wait_job(node: &Node, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let path = format!("/api/v1/jobs/{id}");
-    poll(WAIT, what, || {
-        let job = json_of(node.api_ok("GET", &path, None));
-        if check(&job) {
-            Ok(job)
-        } else {
-            Err(job.to_string())
-        }
-    })
-}
-
-fn finished(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
-    )
-}
 
 /// One node with the given agents, its work directories under the mesh's temp root.
 fn single(agents: &[&str]) -> (Mesh, std::path::PathBuf) {
@@ -63,11 +35,11 @@ fn a_command_agent_runs_in_a_fresh_work_dir_and_reports_its_result() {
         "fail=sh -c 'echo oops >&2; exit 3'",
     ]);
     let node = &mesh.nodes[0];
-    let id = submit(
+    let id = submit_job(
         node,
         json!({"prompt": "hello; $(rm -rf /)", "agent": "write"}),
     );
-    let job = wait_job(node, &id, "job to finish", finished);
+    let job = wait_job(node, &id, "job to finish", job_finished);
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["result"]["exit_code"], 0);
     assert_eq!(job["result"]["final_message"], "all done");
@@ -81,8 +53,8 @@ fn a_command_agent_runs_in_a_fresh_work_dir_and_reports_its_result() {
         .expect("job log");
     assert!(log.contains("working") && log.contains("all done"), "{log}");
 
-    let id = submit(node, json!({"prompt": "x", "agent": "fail"}));
-    let job = wait_job(node, &id, "failing job to finish", finished);
+    let id = submit_job(node, json!({"prompt": "x", "agent": "fail"}));
+    let job = wait_job(node, &id, "failing job to finish", job_finished);
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["result"]["exit_code"], 3);
     assert!(
@@ -98,11 +70,11 @@ fn wall_clock_and_idle_limits_stop_the_agent() {
         "quiet=sh -c 'echo started; sleep 60'",
     ]);
     let node = &mesh.nodes[0];
-    let id = submit(
+    let id = submit_job(
         node,
         json!({"prompt": "x", "agent": "sleepy", "timeout_secs": 2, "idle_timeout_secs": 100}),
     );
-    let job = wait_job(node, &id, "wall-clock limit", finished);
+    let job = wait_job(node, &id, "wall-clock limit", job_finished);
     assert_eq!(job["status"], "timed_out", "{job}");
     assert!(
         job["reason"]
@@ -111,11 +83,11 @@ fn wall_clock_and_idle_limits_stop_the_agent() {
         "{job}"
     );
 
-    let id = submit(
+    let id = submit_job(
         node,
         json!({"prompt": "x", "agent": "quiet", "timeout_secs": 100, "idle_timeout_secs": 2}),
     );
-    let job = wait_job(node, &id, "idle limit", finished);
+    let job = wait_job(node, &id, "idle limit", job_finished);
     assert_eq!(job["status"], "timed_out", "{job}");
     assert!(
         job["reason"]
@@ -134,7 +106,7 @@ fn cancel_kills_the_whole_process_group() {
     let (mesh, workdirs) =
         single(&["tree=sh -c 'sleep 60 & echo $! > child.pid; echo $$ > sh.pid; wait'"]);
     let node = &mesh.nodes[0];
-    let id = submit(node, json!({"prompt": "x", "agent": "tree"}));
+    let id = submit_job(node, json!({"prompt": "x", "agent": "tree"}));
     wait_job(node, &id, "job running", |j| j["status"] == "running");
     let dir = workdirs.join(&id);
     let child = poll(WAIT, "the agent to write its child's pid", || {
@@ -149,13 +121,13 @@ fn cancel_kills_the_whole_process_group() {
             Ok(())
         }
     });
-    let job = wait_job(node, &id, "job cancelled", finished);
+    let job = wait_job(node, &id, "job cancelled", job_finished);
     assert_eq!(job["status"], "cancelled");
 }
 
 #[test]
 fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
-    let agent = ["--agent", "slow=sh -c 'sleep 4; echo finished'"];
+    let agent = ["--agent", "slow=sh -c 'sleep 4; echo job_finished'"];
     let specs = (1..=3)
         .map(|i| (format!("n{i}"), NodeOptions::with_extra(&agent)))
         .collect();
@@ -176,7 +148,7 @@ fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
     let master_name = mesh.nodes[master].name.clone();
     mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
     let watcher = &mesh.nodes[master];
-    let id = submit(watcher, json!({"prompt": "y", "agent": "slow"}));
+    let id = submit_job(watcher, json!({"prompt": "y", "agent": "slow"}));
     let running = wait_job(watcher, &id, "job running", |j| j["status"] == "running");
     let worker = running["node"].as_str().expect("node").to_string();
     let worker_index = mesh
@@ -189,11 +161,11 @@ fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
     mesh.nodes[worker_index].kill9();
     let watcher = &mesh.nodes[master];
     let job = wait_job(watcher, &id, "the re-run to finish", |j| {
-        j["attempt"] == 2 && finished(j)
+        j["attempt"] == 2 && job_finished(j)
     });
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_ne!(job["node"].as_str(), Some(worker.as_str()));
-    assert_eq!(job["result"]["final_message"], "finished");
+    assert_eq!(job["result"]["final_message"], "job_finished");
 }
 
 #[path = "support/git_server.rs"]
@@ -225,11 +197,11 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
             .then_some(())
             .ok_or_else(|| format!("{nodes:?}"))
     });
-    let id = submit(
+    let id = submit_job(
         n1,
         json!({"prompt": "edit", "agent": "edit", "tag": "builder", "repos": [app, format!("{lib}#main")]}),
     );
-    let job = wait_job(n1, &id, "job with repositories to finish", finished);
+    let job = wait_job(n1, &id, "job with repositories to finish", job_finished);
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["node_name"], "n2");
     assert_eq!(job["result"]["final_message"], "edited both");
@@ -260,7 +232,7 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
 
     // An unreachable repository fails the job quickly, with the reason.
     let closed = format!("git://127.0.0.1:{}/gone.git", common::free_port());
-    let id = submit(
+    let id = submit_job(
         n1,
         json!({"prompt": "x", "agent": "edit", "repos": [closed]}),
     );
@@ -268,7 +240,7 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
         n1,
         &id,
         "job with an unreachable repository to fail",
-        finished,
+        job_finished,
     );
     assert_eq!(job["status"], "failed", "{job}");
     assert!(
@@ -300,7 +272,7 @@ fn a_job_survives_the_death_of_the_master() {
         .expect("master");
     let master_name = mesh.nodes[master].name.clone();
     mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
-    let id = submit(&mesh.nodes[master], json!({"prompt": "x", "agent": "slow"}));
+    let id = submit_job(&mesh.nodes[master], json!({"prompt": "x", "agent": "slow"}));
     let running = wait_job(&mesh.nodes[master], &id, "job running", |j| {
         j["status"] == "running"
     });
@@ -317,7 +289,7 @@ fn a_job_survives_the_death_of_the_master() {
         &mesh.nodes[observer],
         &id,
         "job to finish under the new master",
-        finished,
+        job_finished,
     );
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempt"], 1, "the job was not re-run");
@@ -344,7 +316,7 @@ fn any_peer_serves_the_log_which_outlives_the_worker() {
             .then_some(())
             .ok_or_else(|| format!("{nodes:?}"))
     });
-    let id = submit(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
+    let id = submit_job(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
     // While it runs, n1 (not the worker) streams the log from n2.
     let partial = poll(WAIT, "some output through n1", || {
         let body = n1
@@ -400,8 +372,8 @@ fn old_work_directories_are_cleaned_but_failed_ones_can_be_kept() {
     let node = &mesh.nodes[0];
     let mut ids = Vec::new();
     for agent in ["bad", "ok", "ok", "ok"] {
-        let id = submit(node, json!({"prompt": "x", "agent": agent}));
-        wait_job(node, &id, "job to finish", finished);
+        let id = submit_job(node, json!({"prompt": "x", "agent": agent}));
+        wait_job(node, &id, "job to finish", job_finished);
         ids.push(id);
     }
     let mut left: Vec<String> = std::fs::read_dir(&workdirs)
@@ -436,8 +408,8 @@ fn any_peer_streams_a_jobs_events_until_it_ends() {
             .then_some(())
             .ok_or_else(|| format!("{nodes:?}"))
     });
-    let id = submit(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
-    // The stream ends by itself once the job has finished and its log was sent.
+    let id = submit_job(n1, json!({"prompt": "x", "agent": "talk", "node": "n2"}));
+    // The stream ends by itself once the job has job_finished and its log was sent.
     let body = n1
         .api_ok("GET", &format!("/api/v1/jobs/{id}/events"), None)
         .body;
@@ -481,8 +453,8 @@ fn the_agent_gets_a_scrubbed_environment() {
     ];
     let mut node = Node::spawn_with_env(Path::new(BIN), "n1", &data, args, envs);
     node.wait_ready(WAIT);
-    let id = submit(&node, json!({"prompt": "x", "agent": "env"}));
-    let job = wait_job(&node, &id, "env job", finished);
+    let id = submit_job(&node, json!({"prompt": "x", "agent": "env"}));
+    let job = wait_job(&node, &id, "env job", job_finished);
     assert_eq!(job["status"], "succeeded", "{job}");
     let log = node
         .api_ok("GET", &format!("/api/v1/jobs/{id}/log"), None)

@@ -238,25 +238,18 @@ async fn run(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.timeout_secs.into());
     let idle = Duration::from_secs(spec.idle_timeout_secs.into());
     let mut idle_deadline = tokio::time::Instant::now() + idle;
-    let mut summary = Summary::default();
-    let mut last_stdout: Option<String> = None;
+    let mut output = Output {
+        codex_events: invocation.codex_events,
+        summary: Summary::default(),
+        last_stdout: None,
+    };
     let mut streams_open = true;
     let ending = loop {
         tokio::select! {
             line = lines.recv(), if streams_open => match line {
                 Some((is_stdout, line)) => {
                     idle_deadline = tokio::time::Instant::now() + idle;
-                    let prefix = if is_stdout { "" } else { "[stderr] " };
-                    let _ = log.write_all(format!("{prefix}{line}\n").as_bytes()).await;
-                    if is_stdout {
-                        if invocation.codex_events {
-                            if let Some(event) = parse_line(&line) {
-                                summary.add(event);
-                            }
-                        } else if !line.trim().is_empty() {
-                            last_stdout = Some(line);
-                        }
-                    }
+                    output.take(is_stdout, line, &mut log).await;
                 }
                 None => streams_open = false,
             },
@@ -281,19 +274,13 @@ async fn run(
     while let Ok(Some((is_stdout, line))) =
         tokio::time::timeout(Duration::from_millis(200), lines.recv()).await
     {
-        let _ = log
-            .write_all(format!("{}{line}\n", if is_stdout { "" } else { "[stderr] " }).as_bytes())
-            .await;
-        if is_stdout {
-            if invocation.codex_events {
-                if let Some(event) = parse_line(&line) {
-                    summary.add(event);
-                }
-            } else if !line.trim().is_empty() {
-                last_stdout = Some(line);
-            }
-        }
+        output.take(is_stdout, line, &mut log).await;
     }
+    let Output {
+        summary,
+        last_stdout,
+        ..
+    } = output;
     let _ = log.flush().await;
     let from_file = match &invocation.last_message_file {
         Some(path) => tokio::fs::read_to_string(path)
@@ -367,6 +354,31 @@ async fn run(
             result,
         ),
         Ending::Cancelled => (JobStatus::Cancelled, Some("cancelled".into()), result),
+    }
+}
+
+/// What the agent printed, as far as the result needs it.
+struct Output {
+    codex_events: bool,
+    summary: Summary,
+    last_stdout: Option<String>,
+}
+
+impl Output {
+    /// Log one line and fold it into the summary (Codex JSONL) or the last line (others).
+    async fn take(&mut self, is_stdout: bool, line: String, log: &mut tokio::fs::File) {
+        let prefix = if is_stdout { "" } else { "[stderr] " };
+        let _ = log.write_all(format!("{prefix}{line}\n").as_bytes()).await;
+        if !is_stdout {
+            return;
+        }
+        if self.codex_events {
+            if let Some(event) = parse_line(&line) {
+                self.summary.add(event);
+            }
+        } else if !line.trim().is_empty() {
+            self.last_stdout = Some(line);
+        }
     }
 }
 

@@ -1091,3 +1091,44 @@ pub fn overwrite_with_garbage(path: &Path) {
         .and_then(|mut f| f.write_all(&garbage))
         .unwrap_or_else(|e| panic!("overwrite {}: {e}", path.display()));
 }
+
+// ---------------------------------------------------------------------------
+// Jobs
+// ---------------------------------------------------------------------------
+
+/// The JSON body of a response.
+pub fn json_of(response: HttpResponse) -> serde_json::Value {
+    serde_json::from_str(&response.body).expect("JSON body")
+}
+
+/// Submit a job through `node`'s API; returns its id.
+pub fn submit_job(node: &Node, body: serde_json::Value) -> String {
+    let created = node.api_ok("POST", "/api/v1/jobs", Some(&body.to_string()));
+    json_of(created)["id"].as_str().expect("job id").to_string()
+}
+
+/// Poll job `id` on `node` (for up to 90 s) until `check` accepts it.
+pub fn wait_job(
+    node: &Node,
+    id: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let path = format!("/api/v1/jobs/{id}");
+    poll(Duration::from_secs(90), what, || {
+        let job = json_of(node.api_ok("GET", &path, None));
+        if check(&job) {
+            Ok(job)
+        } else {
+            Err(job.to_string())
+        }
+    })
+}
+
+/// Whether a job reached a final status.
+pub fn job_finished(job: &serde_json::Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
+    )
+}
