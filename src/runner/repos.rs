@@ -182,6 +182,8 @@ pub fn prepare(
         }
         let dir = workdir.join(&name);
         let mut builder = RepoBuilder::new();
+        // Copy (hard-link where possible) the mirror's files instead of packing objects anew.
+        builder.clone_local(git2::build::CloneLocal::Local);
         if let Some(branch) = &spec.branch {
             builder.branch(branch);
         }
