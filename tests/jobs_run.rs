@@ -125,13 +125,18 @@ fn cancel_kills_the_whole_process_group() {
     assert_eq!(job["status"], "cancelled");
 }
 
-#[test]
-fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
-    let agent = ["--agent", "slow=sh -c 'sleep 4; echo job_finished'"];
+/// Three converged nodes with `agent`, the master draining so that jobs run on the others.
+/// Returns the mesh, its view and the master's index.
+fn trio_with_draining_master(agent: &str) -> (Mesh, common::MeshView, usize) {
     let specs = (1..=3)
-        .map(|i| (format!("n{i}"), NodeOptions::with_extra(&agent)))
+        .map(|i| {
+            (
+                format!("n{i}"),
+                NodeOptions::with_extra(&["--agent", agent]),
+            )
+        })
         .collect();
-    let mut mesh = Mesh::start_with(BIN, specs);
+    let mesh = Mesh::start_with(BIN, specs);
     let view = mesh.wait_converged(
         &mesh.all(),
         common::Expect {
@@ -144,9 +149,14 @@ fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
         .iter()
         .position(|n| n.id() == view.master)
         .expect("master");
-    // Keep the job off the master, whose death is another test's subject.
     let master_name = mesh.nodes[master].name.clone();
     mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
+    (mesh, view, master)
+}
+
+#[test]
+fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
+    let (mut mesh, _, master) = trio_with_draining_master("slow=sh -c 'sleep 4; echo finished'");
     let watcher = &mesh.nodes[master];
     let id = submit_job(watcher, json!({"prompt": "y", "agent": "slow"}));
     let running = wait_job(watcher, &id, "job running", |j| j["status"] == "running");
@@ -165,7 +175,7 @@ fn a_job_on_a_killed_worker_is_lost_and_runs_again_elsewhere() {
     });
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_ne!(job["node"].as_str(), Some(worker.as_str()));
-    assert_eq!(job["result"]["final_message"], "job_finished");
+    assert_eq!(job["result"]["final_message"], "finished");
 }
 
 #[path = "support/git_server.rs"]
@@ -253,25 +263,7 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
 
 #[test]
 fn a_job_survives_the_death_of_the_master() {
-    let agent = ["--agent", "slow=sh -c 'sleep 4; echo survived'"];
-    let specs = (1..=3)
-        .map(|i| (format!("n{i}"), NodeOptions::with_extra(&agent)))
-        .collect();
-    let mut mesh = Mesh::start_with(BIN, specs);
-    let view = mesh.wait_converged(
-        &mesh.all(),
-        common::Expect {
-            online: 3,
-            voters: Some(3),
-        },
-    );
-    let master = mesh
-        .nodes
-        .iter()
-        .position(|n| n.id() == view.master)
-        .expect("master");
-    let master_name = mesh.nodes[master].name.clone();
-    mesh.nodes[master].api_ok("POST", &format!("/api/v1/nodes/{master_name}/drain"), None);
+    let (mut mesh, view, master) = trio_with_draining_master("slow=sh -c 'sleep 4; echo survived'");
     let id = submit_job(&mesh.nodes[master], json!({"prompt": "x", "agent": "slow"}));
     let running = wait_job(&mesh.nodes[master], &id, "job running", |j| {
         j["status"] == "running"
