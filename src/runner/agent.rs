@@ -147,6 +147,16 @@ impl Agents {
             "-o".into(),
             last.display().to_string(),
         ];
+        if spec.sandbox == Sandbox::WorkspaceWrite {
+            // Codex's workspace-write sandbox also lets commands write all of /tmp, where other
+            // jobs' work directories live by default: keep each job to its own directory.
+            for option in [
+                "sandbox_workspace_write.exclude_slash_tmp=true",
+                "sandbox_workspace_write.exclude_tmpdir_env_var=true",
+            ] {
+                argv.extend(["-c".to_string(), option.to_string()]);
+            }
+        }
         if let Some(model) = &spec.model {
             argv.extend(["-m".to_string(), model.clone()]);
         }
@@ -231,6 +241,10 @@ mod tests {
         );
         assert!(run.argv.windows(2).any(|w| w == ["-s", "workspace-write"]));
         assert!(run.argv.windows(2).any(|w| w == ["-m", "m1"]));
+        assert!(run
+            .argv
+            .windows(2)
+            .any(|w| w == ["-c", "sandbox_workspace_write.exclude_slash_tmp=true"]));
         assert_eq!(run.argv.last().map(String::as_str), Some("fix it"));
         assert!(run.codex_events);
         let none = Agents::default();
