@@ -44,12 +44,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/support/git_server.rs"]
+mod git_server;
+
+use git_server::git;
 
 use std::collections::BTreeMap;
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -178,7 +182,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bin = match locate_binary() {
+    let bin = match common::locate_node_binary() {
         Ok(bin) => bin,
         Err(msg) => {
             eprintln!("jobs_bench: {msg}");
@@ -230,34 +234,6 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
         return Err("values too large (samples, jobs <= 100000; repo-mb <= 4096)".to_owned());
     }
     Ok(options)
-}
-
-/// `CODEX_MESH_BIN`, or `target/<profile>/codex-mesh` next to this example.
-fn locate_binary() -> Result<PathBuf, String> {
-    if let Some(path) = env::var_os("CODEX_MESH_BIN") {
-        let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!("CODEX_MESH_BIN={} is not a file", path.display()))
-        };
-    }
-    let exe = env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    // target/<profile>/examples/jobs_bench -> target/<profile>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected executable location {}", exe.display()))?;
-    let bin = profile_dir.join("codex-mesh");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{} not found; run `cargo build --release --bin codex-mesh` first \
-             (or set CODEX_MESH_BIN)",
-            bin.display()
-        ))
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -723,35 +699,15 @@ fn histogram_per_second(ends_ms: &[f64], start_ms: f64) -> Vec<usize> {
 
 /// A non-bare repository served by `git daemon` on 127.0.0.1.
 struct Origin {
-    root: tempfile::TempDir,
-    port: u16,
-    daemon: Child,
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .args(["-c", "gc.auto=0"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "bench")
-        .env("GIT_AUTHOR_EMAIL", "bench@example.com")
-        .env("GIT_COMMITTER_NAME", "bench")
-        .env("GIT_COMMITTER_EMAIL", "bench@example.com")
-        .stdout(Stdio::null())
-        .status()
-        .expect("run git");
-    assert!(status.success(), "git {args:?} in {}", dir.display());
+    server: git_server::GitServer,
 }
 
 impl Origin {
     /// Creates `REPO_NAME.git` with `files` random files in
     /// [`REPO_COMMITS`] commits, repacks it, and serves it.
     fn create(files: usize) -> Origin {
-        let root = tempfile::Builder::new()
-            .prefix("codex-mesh-bench-origin-")
-            .tempdir()
-            .expect("create a temporary directory for the origin");
-        let dir = root.path().join(format!("{REPO_NAME}.git"));
+        let server = git_server::GitServer::start();
+        let dir = server.dir(REPO_NAME);
         fs::create_dir_all(dir.join("data")).expect("create the origin");
         git(&dir, &["init", "-q", "-b", "main"]);
         let mut rng = rand::thread_rng();
@@ -774,37 +730,15 @@ impl Origin {
             );
         }
         git(&dir, &["repack", "-adq"]);
-        let port = common::free_port();
-        let daemon = Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--listen=127.0.0.1",
-                &format!("--port={port}"),
-                &format!("--base-path={}", root.path().display()),
-                &root.path().display().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start git daemon");
-        let origin = Origin { root, port, daemon };
-        common::poll(Duration::from_secs(10), "git daemon to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .map(drop)
-                .map_err(|e| e.to_string())
-        });
-        origin
+        Origin { server }
     }
 
     fn dir(&self) -> PathBuf {
-        self.root.path().join(format!("{REPO_NAME}.git"))
+        self.server.dir(REPO_NAME)
     }
 
     fn url(&self) -> String {
-        format!("git://127.0.0.1:{}/{REPO_NAME}.git", self.port)
+        self.server.url(REPO_NAME)
     }
 
     /// Size of the object store (the packed history).
@@ -818,13 +752,6 @@ impl Origin {
         fs::write(dir.join(name), format!("{name}\n")).expect("write a small file");
         git(&dir, &["add", name]);
         git(&dir, &["commit", "-qm", &format!("add {name}")]);
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
     }
 }
 

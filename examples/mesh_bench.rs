@@ -33,7 +33,7 @@ mod common;
 
 use std::env;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bin = match locate_binary() {
+    let bin = match common::locate_node_binary() {
         Ok(bin) => bin,
         Err(msg) => {
             eprintln!("mesh_bench: {msg}");
@@ -151,34 +151,6 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
         return Err("cluster sizes and sample count must be positive".to_owned());
     }
     Ok(options)
-}
-
-/// `CODEX_MESH_BIN`, or `target/<profile>/codex-mesh` next to this example.
-fn locate_binary() -> Result<PathBuf, String> {
-    if let Some(path) = env::var_os("CODEX_MESH_BIN") {
-        let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!("CODEX_MESH_BIN={} is not a file", path.display()))
-        };
-    }
-    let exe = env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    // target/<profile>/examples/mesh_bench -> target/<profile>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected executable location {}", exe.display()))?;
-    let bin = profile_dir.join("codex-mesh");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "{} not found; run `cargo build --release --bin codex-mesh` first \
-             (or set CODEX_MESH_BIN)",
-            bin.display()
-        ))
-    }
 }
 
 /// Number of voters the mesh keeps for `n` master-eligible nodes.

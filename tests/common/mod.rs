@@ -1132,3 +1132,35 @@ pub fn job_finished(job: &serde_json::Value) -> bool {
         Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
     )
 }
+
+// ---------------------------------------------------------------------------
+// Benchmarks
+// ---------------------------------------------------------------------------
+
+/// The node binary for a benchmark example: `CODEX_MESH_BIN`, or `target/<profile>/codex-mesh`
+/// next to the running example (`target/<profile>/examples/<name>`).
+pub fn locate_node_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("CODEX_MESH_BIN") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("CODEX_MESH_BIN={} is not a file", path.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected executable location {}", exe.display()))?;
+    let bin = profile_dir.join("codex-mesh");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found; run `cargo build --release --bin codex-mesh` first \
+             (or set CODEX_MESH_BIN)",
+            bin.display()
+        ))
+    }
+}

@@ -1,4 +1,5 @@
 //! Git repositories served on loopback by `git daemon`, for tests that clone.
+#![allow(dead_code)] // shared by test binaries and examples that each use a part
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -12,8 +13,10 @@ pub struct GitServer {
     child: Child,
 }
 
-fn git(dir: &Path, args: &[&str]) {
+/// Run git in `dir` with a fixed identity; panics if it fails.
+pub fn git(dir: &Path, args: &[&str]) {
     let status = Command::new("git")
+        .args(["-c", "gc.auto=0"])
         .args(args)
         .current_dir(dir)
         .env("GIT_AUTHOR_NAME", "test")
@@ -58,7 +61,7 @@ impl GitServer {
 
     /// Create a repository `name` with `files` committed on `main`; returns its URL.
     pub fn repo(&self, name: &str, files: &[(&str, &str)]) -> String {
-        let dir = self.root.path().join(format!("{name}.git"));
+        let dir = self.dir(name);
         std::fs::create_dir_all(&dir).expect("repo dir");
         git(&dir, &["init", "-q", "-b", "main"]);
         for (path, content) in files {
@@ -67,6 +70,11 @@ impl GitServer {
         git(&dir, &["add", "."]);
         git(&dir, &["commit", "-qm", "initial"]);
         self.url(name)
+    }
+
+    /// Working directory of repository `name` (served as `<name>.git`).
+    pub fn dir(&self, name: &str) -> std::path::PathBuf {
+        self.root.path().join(format!("{name}.git"))
     }
 
     /// URL of repository `name`.
