@@ -109,7 +109,7 @@ impl Mesh {
         if let Some(node) = job.assignment.as_ref().map(|a| &a.0.node) {
             peers.extend(node.parse::<libp2p::PeerId>().ok());
         }
-        if let Some(master) = self.status_view().master {
+        if let Some(master) = self.status_master_id(self.now()) {
             peers.extend(master.parse::<libp2p::PeerId>().ok());
         }
         peers.retain(|p| *p != self.peer_id);
@@ -138,7 +138,7 @@ impl Mesh {
 
     /// Copy a finished job's log to the master, so it survives the loss of this node.
     pub(super) fn copy_log_to_master(&self, id: &str) {
-        let Some(master) = self.status_view().master else {
+        let Some(master) = self.status_master_id(self.now()) else {
             return;
         };
         let Ok(peer) = master.parse::<libp2p::PeerId>() else {

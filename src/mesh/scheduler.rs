@@ -134,9 +134,10 @@ impl Mesh {
 
     /// One scheduling round. Only call while this node acts as master.
     fn schedule(&mut self, now: u64) {
-        let jobs = self.jobs();
-        self.handle_lost_jobs(&jobs, now);
-        let jobs = self.jobs();
+        let mut jobs = self.jobs();
+        if self.handle_lost_jobs(&jobs, now) {
+            jobs = self.jobs();
+        }
         let mut loads = self.node_loads(&jobs);
         let mut queued: Vec<&JobRecord> = jobs
             .iter()
@@ -272,8 +273,9 @@ impl Mesh {
         self.write_progress(&job, progress, None);
     }
 
-    /// Mark jobs whose node went offline as lost, and re-queue them once.
-    fn handle_lost_jobs(&mut self, jobs: &[JobRecord], now: u64) {
+    /// Mark jobs whose node went offline as lost, and re-queue them. Returns whether any was.
+    fn handle_lost_jobs(&mut self, jobs: &[JobRecord], now: u64) -> bool {
+        let mut changed = false;
         for job in jobs {
             let Some(node) = active_node(job).cloned() else {
                 continue;
@@ -290,6 +292,7 @@ impl Mesh {
                 ..current.clone()
             };
             tracing::info!(job = %job.spec.id, node = %name, "job lost");
+            changed = true;
             self.write_progress(job, lost, None);
             if current.attempt <= self.config.lost_requeues {
                 let again = Progress {
@@ -303,6 +306,7 @@ impl Mesh {
                 self.write_progress(job, again, None);
             }
         }
+        changed
     }
 
     /// A worker's checks on an assignment: right node, current epoch, a free slot.
