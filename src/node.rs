@@ -18,6 +18,7 @@ use crate::proto::records::validate_tag;
 use crate::runner::agent::{find_program, parse_agent, Agents};
 use crate::runner::repos::RepoConfig;
 use crate::runner::retention::Retention;
+use crate::runner::spares::{SpareConfig, SPARES_DIR};
 use crate::runner::RunnerConfig;
 use crate::store::{Store, StoreError};
 use crate::ticket::{Ticket, TicketError};
@@ -232,19 +233,25 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             args.codex_bin
         );
     }
+    crate::runner::repos::tune_git();
+    let workdir_root = args
+        .workdir_root
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("codex-mesh-jobs"));
     Ok(RunnerConfig {
-        workdir_root: args
-            .workdir_root
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("codex-mesh-jobs")),
-        log_dir: data.root().join("job-logs"),
-        agents: Agents { codex, commands },
         repos: RepoConfig {
             mirror_root: data.root().join("mirrors"),
             github_url: args.github_url.clone(),
             token: args.github_token.clone().filter(|t| !t.is_empty()),
             allow_local: args.allow_local_repos,
+            spares: SpareConfig {
+                root: workdir_root.join(SPARES_DIR),
+                max: args.spare_checkouts,
+            },
         },
+        workdir_root,
+        log_dir: data.root().join("job-logs"),
+        agents: Agents { codex, commands },
         retention: Retention {
             keep: args.keep_workdirs,
             max_age: std::time::Duration::from_secs(args.workdir_max_age_hours * 3600),

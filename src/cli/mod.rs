@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod jobs;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -227,6 +228,10 @@ pub struct NodeArgs {
     /// Let jobs name repositories by absolute path on this node.
     #[arg(long, env = "CODEX_MESH_ALLOW_LOCAL_REPOS")]
     pub allow_local_repos: bool,
+    /// Keep a ready-made checkout of this many recently used repositories, so that the next
+    /// job on one of them starts without writing the whole tree (0: off).
+    #[arg(long, env = "CODEX_MESH_SPARE_CHECKOUTS", default_value_t = 8)]
+    pub spare_checkouts: usize,
     /// Keep at most this many job work directories (newest first).
     #[arg(long, env = "CODEX_MESH_KEEP_WORKDIRS", default_value_t = 20)]
     pub keep_workdirs: usize,

@@ -94,6 +94,19 @@ pub struct JobSpec {
     pub submitted_at_ms: u64,
 }
 
+impl JobSpec {
+    /// Whether any repository is a path on the node's own disk (only nodes whose operator
+    /// allows that can run the job).
+    pub fn names_local_paths(&self) -> bool {
+        self.repos.iter().any(|r| {
+            matches!(
+                super::repo_spec::repo_kind(&r.source),
+                Ok(super::repo_spec::RepoKind::LocalPath)
+            )
+        })
+    }
+}
+
 /// Which node runs an attempt. Written only by the master; a later (epoch, seq) wins.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Assignment {
@@ -220,6 +233,9 @@ pub struct JobResult {
     /// Commands the agent ran (Codex agents), in order.
     #[serde(default)]
     pub commands: Vec<CommandRun>,
+    /// Part of the duration spent getting the repositories, in ms.
+    #[serde(default)]
+    pub prepare_ms: u64,
 }
 
 /// Where an attempt stands.

@@ -7,6 +7,7 @@ pub mod events;
 pub mod logs;
 pub mod repos;
 pub mod retention;
+pub mod spares;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -145,6 +146,7 @@ async fn run(
         ));
     }
     let deadline_at = Instant::now() + Duration::from_secs(spec.timeout_secs.into());
+    let preparing = Instant::now();
     let checkouts: Vec<Checkout> = if spec.repos.is_empty() {
         Vec::new()
     } else {
@@ -158,6 +160,7 @@ async fn run(
             Err(e) => return failed(format!("preparing the repositories crashed: {e}")),
         }
     };
+    let prepare_ms = preparing.elapsed().as_millis() as u64;
     let invocation = match config.agents.invocation(spec, &workdir) {
         Ok(i) => i,
         Err(e) => return failed(e),
@@ -317,6 +320,7 @@ async fn run(
         diffs,
         usage: summary.usage.clone(),
         duration_ms: 0,
+        prepare_ms,
     };
     if let Some(message) = &mut result.final_message {
         truncate_utf8(message, 64 * 1024);

@@ -57,6 +57,8 @@ pub fn clean(root: &Path, policy: Retention, running: &[String]) {
     let dirs: Vec<WorkDir> = entries
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        // Hidden entries (such as the spare checkouts) are not work directories.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter_map(|e| {
             Some(WorkDir {
                 name: e.file_name().to_str()?.to_string(),
@@ -110,5 +112,26 @@ mod tests {
         let mut removed = to_remove(dirs, strict, now, &[]);
         removed.sort();
         assert_eq!(removed, vec!["c", "d", "e", "f"]);
+    }
+
+    #[test]
+    fn cleaning_leaves_hidden_entries_such_as_the_spares_alone() {
+        let root = tempfile::tempdir().unwrap();
+        for name in [".spares", "job-a", "job-b"] {
+            std::fs::create_dir_all(root.path().join(name)).unwrap();
+        }
+        let policy = Retention {
+            keep: 0,
+            max_age: Duration::from_secs(1000),
+            keep_failed: false,
+        };
+        clean(root.path(), policy, &["job-b".into()]);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".spares", "job-b"]);
     }
 }
