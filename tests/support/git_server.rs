@@ -1,4 +1,6 @@
-//! Git repositories served on loopback by `git daemon`, for tests that clone.
+//! Git repositories served on loopback for tests that clone: by `git daemon` (no
+//! authentication) or by `git http-backend` behind HTTP Basic authentication
+//! (`git_http.py`, like a private GitHub repository).
 #![allow(dead_code)] // shared by test binaries and examples that each use a part
 
 use std::net::TcpStream;
@@ -61,14 +63,7 @@ impl GitServer {
 
     /// Create a repository `name` with `files` committed on `main`; returns its URL.
     pub fn repo(&self, name: &str, files: &[(&str, &str)]) -> String {
-        let dir = self.dir(name);
-        std::fs::create_dir_all(&dir).expect("repo dir");
-        git(&dir, &["init", "-q", "-b", "main"]);
-        for (path, content) in files {
-            std::fs::write(dir.join(path), content).expect("write file");
-        }
-        git(&dir, &["add", "."]);
-        git(&dir, &["commit", "-qm", "initial"]);
+        create_repo(&self.dir(name), files);
         self.url(name)
     }
 
@@ -80,6 +75,96 @@ impl GitServer {
     /// URL of repository `name`.
     pub fn url(&self, name: &str) -> String {
         format!("git://127.0.0.1:{}/{name}.git", self.port)
+    }
+}
+
+/// Create a (non-bare) repository at `dir` with `files` committed on `main`.
+pub fn create_repo(dir: &Path, files: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).expect("repo dir");
+    git(dir, &["init", "-q", "-b", "main"]);
+    for (path, content) in files {
+        std::fs::write(dir.join(path), content).expect("write file");
+    }
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-qm", "initial"]);
+}
+
+/// `git http-backend` behind HTTP Basic authentication (`tests/support/git_http.py`):
+/// `http://127.0.0.1:<port>/<owner>/<name>.git`, readable with the password `token` only.
+pub struct HttpGitServer {
+    root: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl HttpGitServer {
+    /// Start the server on a free loopback port, accepting `token` as the password.
+    pub fn start(token: &str) -> HttpGitServer {
+        use std::io::BufRead;
+        let root = tempfile::tempdir().expect("temp dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/git_http.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--root", &root.path().join("repos").display().to_string()])
+            .args(["--token", token])
+            .args([
+                "--log",
+                &root.path().join("requests.jsonl").display().to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs git_http.py");
+        let mut first = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("read the port line");
+        let port = first
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("git_http.py printed {first:?}"));
+        HttpGitServer { root, port, child }
+    }
+
+    /// Create repository `owner/name` with `files` committed on `main`.
+    pub fn repo(&self, owner_name: &str, files: &[(&str, &str)]) {
+        create_repo(&self.dir(owner_name), files);
+    }
+
+    /// Working directory of repository `owner/name`.
+    pub fn dir(&self, owner_name: &str) -> std::path::PathBuf {
+        self.root
+            .path()
+            .join("repos")
+            .join(format!("{owner_name}.git"))
+    }
+
+    /// Base URL, in the role of `https://github.com`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The requests served so far: (Basic user name, HTTP status) each.
+    pub fn requests(&self) -> Vec<(Option<String>, u16)> {
+        let text =
+            std::fs::read_to_string(self.root.path().join("requests.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|v| {
+                (
+                    v["user"].as_str().map(str::to_string),
+                    v["status"].as_u64().unwrap_or(0) as u16,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for HttpGitServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
