@@ -40,6 +40,12 @@ fn a_job_submitted_on_one_peer_is_replicated_cancelled_and_retried() {
     .to_string();
     let created = n1.api("POST", "/api/v1/jobs", Some(&body)).expect("submit");
     assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(
+        created.body.matches("\"id\":").count(),
+        1,
+        "one id per job: {}",
+        created.body
+    );
     let job = json_of(created);
     let id = job["id"].as_str().expect("job id").to_string();
     assert_eq!(job["status"], "queued");
@@ -106,6 +112,10 @@ fn bad_submissions_are_refused_with_a_reason() {
             "malformed repository",
         ),
         (json!({"prompt": "p", "repos": ["o/r#..bad"]}), "branch"),
+        (
+            json!({"prompt": "p", "repos": ["/srv/code/app"]}),
+            "no node in the mesh allows local repository paths",
+        ),
         (json!({"prompt": "p", "node": "nobody"}), "no node"),
         (json!({"prompt": "p", "tag": "nowhere"}), "no node carries"),
         (json!({"prompt": "p", "agent": "eliza"}), "unknown agent"),

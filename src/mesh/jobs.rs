@@ -13,7 +13,7 @@ use crate::proto::jobs::{
     MAX_PROMPT_BYTES, MAX_REPOS, MAX_TIMEOUT_SECS,
 };
 use crate::proto::records::{validate_tag, Key, Record};
-use crate::proto::repo_spec::parse_repo;
+use crate::proto::repo_spec::{parse_repo, repo_kind, RepoKind};
 
 /// Default wall-clock limit of a job.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 3600;
@@ -85,7 +85,8 @@ pub enum JobError {
 /// A job as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobView {
-    /// Job id.
+    /// Job id (serialised once, as part of the spec).
+    #[serde(skip_serializing)]
     pub id: String,
     /// Current status.
     pub status: JobStatus,
@@ -227,6 +228,7 @@ impl Mesh {
             .map(|r| parse_repo(r))
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
+        self.check_local_paths(&repos, &target).map_err(invalid)?;
         let agent = optional_text(request.agent).unwrap_or_else(|| "codex".to_string());
         let mut known: Vec<String> = BUILTIN_AGENTS.iter().map(|a| a.to_string()).collect();
         for node in self.node_views().into_iter().filter(|n| !n.removed) {
@@ -286,6 +288,31 @@ impl Mesh {
     }
 
     /// Jobs matching `query`, newest first.
+    /// Refuse local repository paths unless a node the job may run on allows them.
+    fn check_local_paths(&self, repos: &[RepoSpec], target: &Target) -> Result<(), String> {
+        let Some(local) = repos
+            .iter()
+            .find(|r| matches!(repo_kind(&r.source), Ok(RepoKind::LocalPath)))
+        else {
+            return Ok(());
+        };
+        let views = self.node_views();
+        let mut allowing = views.iter().filter(|n| !n.removed && n.local_repos);
+        let (allowed, which) = match target {
+            Target::Node(id) => (allowing.any(|n| &n.id == id), "the target node"),
+            Target::Tag(tag) => (allowing.any(|n| n.tags.contains(tag)), "with that tag"),
+            Target::Any => (allowing.next().is_some(), "in the mesh"),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: no node {which} allows local repository paths (an operator can allow them with --allow-local-repos)",
+                local.source
+            ))
+        }
+    }
+
     pub(super) fn list_jobs(&self, query: &JobQuery) -> Result<JobList, JobError> {
         let node = match &query.node {
             Some(n) => Some(

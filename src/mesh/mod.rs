@@ -538,6 +538,7 @@ impl Mesh {
             started_at_ms: self.started_unix_ms,
             heartbeat_ms: unix_ms(),
             agents: self.config.runner.agents.names(),
+            local_repos: self.config.runner.repos.allow_local,
         }
     }
 
@@ -1037,6 +1038,7 @@ impl Mesh {
             started_at_ms: info.started_at_ms,
             last_seen_ms,
             agents: info.agents.clone(),
+            local_repos: info.local_repos,
         }
     }
 

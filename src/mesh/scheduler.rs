@@ -96,6 +96,7 @@ impl Mesh {
                 draining: n.draining,
                 removed: n.removed,
                 agents: n.agents,
+                local_repos: n.local_repos,
             })
             .collect()
     }

@@ -92,6 +92,8 @@ pub struct NodeView {
     pub last_seen_ms: u64,
     /// Agents the node can run.
     pub agents: Vec<String>,
+    /// Jobs may name local repository paths on it.
+    pub local_repos: bool,
 }
 
 /// An operator action on a node.

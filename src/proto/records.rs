@@ -63,6 +63,9 @@ pub struct NodeInfo {
     /// Agents the node can run (`codex` only when its CLI was found).
     #[serde(default)]
     pub agents: Vec<String>,
+    /// Whether jobs may name repositories by local path on this node.
+    #[serde(default)]
+    pub local_repos: bool,
 }
 
 /// Operator decisions about a node, writable from any peer; each field is last-writer-wins.

@@ -2,7 +2,8 @@
 //!
 //! Rules: an explicit target gets that node or waits (and says why); a tag target and `any`
 //! get the least-loaded online, non-draining node with a free slot (that carries the tag);
-//! nodes that refused the job recently are skipped.
+//! nodes that refused the job recently are skipped. A node must have the job's agent, and allow
+//! local repository paths if the job names any.
 
 use super::crdt::NodeId;
 use super::jobs::{JobSpec, Target};
@@ -28,9 +29,16 @@ pub struct NodeLoad {
     pub removed: bool,
     /// Agents the node can run.
     pub agents: Vec<String>,
+    /// Jobs may name local repository paths on it.
+    pub local_repos: bool,
 }
 
 impl NodeLoad {
+    /// Whether the node has what `spec` needs: its agent, and local paths if it names any.
+    fn can_run(&self, spec: &JobSpec) -> bool {
+        self.agents.contains(&spec.agent) && (self.local_repos || !spec.names_local_paths())
+    }
+
     fn available(&self) -> bool {
         self.online && !self.draining && !self.removed && self.running < self.slots
     }
@@ -71,6 +79,10 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
                     "waiting: node {name} has no agent {:?}",
                     spec.agent
                 ))
+            } else if spec.names_local_paths() && !node.local_repos {
+                Decision::Wait(format!(
+                    "waiting: node {name} does not allow local repository paths"
+                ))
             } else if skip.contains(&node.id) {
                 Decision::Wait(format!("waiting for node {name}, which refused the job"))
             } else {
@@ -80,7 +92,7 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
         Target::Tag(tag) => least_loaded(
             nodes
                 .iter()
-                .filter(|n| n.tags.contains(tag) && n.agents.contains(&spec.agent)),
+                .filter(|n| n.tags.contains(tag) && n.can_run(spec)),
             skip,
             &format!(
                 "waiting for a free slot on a node tagged {tag:?} with agent {:?}",
@@ -88,7 +100,7 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
             ),
         ),
         Target::Any => least_loaded(
-            nodes.iter().filter(|n| n.agents.contains(&spec.agent)),
+            nodes.iter().filter(|n| n.can_run(spec)),
             skip,
             &format!(
                 "waiting for a free slot on a node with agent {:?}",
@@ -135,6 +147,7 @@ mod tests {
             draining: false,
             removed: false,
             agents: vec!["codex".into()],
+            local_repos: false,
         }
     }
 
@@ -157,6 +170,37 @@ mod tests {
             submitted_via: "a".into(),
             submitted_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn jobs_naming_local_paths_go_only_to_nodes_that_allow_them() {
+        let mut local = spec(Target::Any);
+        local.repos = vec![super::super::jobs::RepoSpec {
+            source: "/srv/code/app".into(),
+            branch: None,
+        }];
+        let mut allowing = node("b", &["gpu"], 4, 3);
+        allowing.local_repos = true;
+        let nodes = [node("a", &["gpu"], 4, 0), allowing];
+        // The busier node, because the idle one does not allow local paths.
+        assert_eq!(choose(&local, &nodes, &[]), Decision::Assign("b".into()));
+        local.target = Target::Tag("gpu".into());
+        assert_eq!(choose(&local, &nodes, &[]), Decision::Assign("b".into()));
+        local.target = Target::Node("a".into());
+        assert_eq!(
+            choose(&local, &nodes, &[]),
+            Decision::Wait("waiting: node a does not allow local repository paths".into())
+        );
+        local.target = Target::Any;
+        assert!(matches!(
+            choose(&local, &nodes[..1], &[]),
+            Decision::Wait(_)
+        ));
+        // Remote repositories go anywhere.
+        assert_eq!(
+            choose(&spec(Target::Any), &nodes, &[]),
+            Decision::Assign("a".into())
+        );
     }
 
     #[test]
