@@ -195,6 +195,67 @@ fn codex_edits_two_repositories_on_a_two_node_mesh() {
         .api_ok("GET", &format!("/api/v1/jobs/{id}/log"), None)
         .body;
     assert!(log.contains("\"type\":\"turn.completed\""), "{log}");
+    // The live stream (replayed from the start for a finished job) carries Codex's events,
+    // parsed: the command with its exit code, the final message and the usage.
+    let stream = n1
+        .api_ok("GET", &format!("/api/v1/jobs/{id}/events"), None)
+        .body;
+    let agent_events: Vec<Value> = stream
+        .split("\n\n")
+        .filter_map(|record| {
+            let mut lines = record.lines();
+            (lines.next() == Some("event: agent"))
+                .then(|| lines.next()?.strip_prefix("data: "))
+                .flatten()
+                .and_then(|data| serde_json::from_str(data).ok())
+        })
+        .collect();
+    let kinds: Vec<&str> = agent_events
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    let started = kinds.iter().position(|k| *k == "command_started");
+    let finished = agent_events.iter().position(|e| {
+        e["kind"] == "command"
+            && e["exit_code"] == 0
+            && e["command"]
+                .as_str()
+                .is_some_and(|c| c.contains("edited by codex"))
+    });
+    assert!(
+        started.is_some() && finished.is_some() && started < finished,
+        "{agent_events:?}"
+    );
+    assert!(
+        agent_events.iter().any(
+            |e| e["kind"] == "message" && e["text"] == "Both READMEs now say they were edited."
+        ),
+        "{agent_events:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"usage"), "{agent_events:?}");
+    assert!(stream.trim_end().ends_with("event: end"), "{stream}");
+
+    // `submit --wait` follows the same events live (this run gets the script from the start;
+    // without the repositories its command fails).
+    let out = n1.cli(&["submit", "--wait", "--node", "n1", "anything else?"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let expected = [
+        "running (node n1)",
+        "  $ /bin/bash -c",
+        "  agent: Both READMEs now say they were edited.",
+        "  tokens: ",
+        "succeeded (node n1)",
+    ];
+    let positions: Vec<Option<usize>> = expected.iter().map(|e| stderr.find(e)).collect();
+    assert!(
+        positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
+        "{stderr}"
+    );
+    assert!(stdout.contains("status    succeeded"), "{stdout}");
 }
 
 #[test]

@@ -61,6 +61,30 @@ fn a_command_agent_runs_in_a_fresh_work_dir_and_reports_its_result() {
         job["reason"].as_str().is_some_and(|r| r.contains("code 3")),
         "{job}"
     );
+
+    // `submit --wait` follows the job and its exit status says how it ended.
+    let out = node.cli(&["submit", "--wait", "--agent", "write", "from the cli"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let shown = |text: &str| {
+        stderr
+            .find(text)
+            .unwrap_or_else(|| panic!("{text}: {stderr}"))
+    };
+    assert!(shown("  | working") < shown("  | all done"));
+    assert!(shown("  | all done") < shown("succeeded (node n1)"));
+    assert!(
+        stdout.contains("status    succeeded") && stdout.contains("all done"),
+        "{stdout}"
+    );
+    let out = node.cli(&["submit", "--wait", "--agent", "fail", "x"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("status    failed"), "{stdout}");
+    assert!(stdout.contains("exit code 3"), "{stdout}");
 }
 
 #[test]
@@ -187,14 +211,24 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
     let app = server.repo("app", &[("README", "app\n"), ("src.txt", "a\nb\n")]);
     let lib = server.repo("lib", &[("README", "lib\n")]);
     let edit = "edit=sh -c 'for d in app lib; do echo change >> $d/README; done; echo new > app/added.txt; echo edited both'";
+    let list =
+        "list=sh -c 'echo $(ls app) $(test -z \"$(git -C app status --porcelain)\" && echo clean)'";
     let specs = vec![
         (
             "n1".to_string(),
-            NodeOptions::with_extra(&["--agent", edit]),
+            NodeOptions::with_extra(&["--agent", edit, "--agent", list]),
         ),
         (
             "n2".to_string(),
-            NodeOptions::with_extra(&["--agent", edit, "--tags", "builder"]),
+            NodeOptions::with_extra(&[
+                "--agent",
+                edit,
+                "--agent",
+                list,
+                "--tags",
+                "builder",
+                "--allow-local-repos",
+            ]),
         ),
     ];
     let mesh = Mesh::start_with(BIN, specs);
@@ -239,6 +273,43 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
         vec![("README".into(), 1, 0), ("added.txt".into(), 1, 0)]
     );
     assert_eq!(files(1), vec![("README".into(), 1, 0)]);
+    let shown = n1.cli(&["job", &id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(&format!("changes   {app}: 2 file(s)")),
+        "{shown}"
+    );
+    assert!(shown.contains("added.txt"), "{shown}");
+
+    // The next job on the repository (made from the node's cached mirror and spare checkout)
+    // sees what was pushed meanwhile, on a clean tree.
+    git_server::git(&server.dir("app"), &["rm", "-q", "src.txt"]);
+    std::fs::write(server.dir("app").join("pushed.txt"), "pushed\n").expect("write");
+    git_server::git(&server.dir("app"), &["add", "."]);
+    git_server::git(&server.dir("app"), &["commit", "-qm", "second"]);
+    let id = submit_job(
+        n1,
+        json!({"prompt": "list", "agent": "list", "tag": "builder", "repos": [app]}),
+    );
+    let job = wait_job(n1, &id, "second job on the repository", job_finished);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["result"]["final_message"], "README pushed.txt clean",
+        "{job}"
+    );
+
+    // A job naming a local path runs only where the operator allows that (n2), even when
+    // the other node is idle.
+    let local = server.dir("app").display().to_string();
+    for _ in 0..3 {
+        let id = submit_job(
+            n1,
+            json!({"prompt": "list", "agent": "list", "repos": [local]}),
+        );
+        let job = wait_job(n1, &id, "job on a local path", job_finished);
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["node_name"], "n2", "{job}");
+    }
 
     // An unreachable repository fails the job quickly, with the reason.
     let closed = format!("git://127.0.0.1:{}/gone.git", common::free_port());

@@ -88,6 +88,29 @@ impl Api {
 }
 
 impl Api {
+    /// Open a streaming GET (server-sent events); the caller reads the body as it arrives.
+    pub(super) async fn open_stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        let message = value["error"].as_str().unwrap_or("no reason given");
+        Err(ClientError::Refused(format!("{status}: {message}")))
+    }
+
     /// GET a non-JSON body; returns the bytes and the `x-log-size` header.
     pub(super) async fn get_bytes(&self, path: &str) -> Result<(Vec<u8>, u64), ClientError> {
         let url = format!("{}{path}", self.base);

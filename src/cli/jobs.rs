@@ -7,6 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::client::{print_json, short, urlencode, Api, ClientError};
+use super::sse::SseParser;
 use super::{ClientArgs, SubmitArgs};
 
 /// `codex-mesh submit`. Returns whether the job succeeded (always true without `--wait`).
@@ -47,13 +48,98 @@ pub async fn submit(args: SubmitArgs) -> Result<bool, ClientError> {
         eprintln!("submitted {id}");
     }
     let limit = job["timeout_secs"].as_u64().unwrap_or(3600) + 120;
-    let done = wait_for(&api, &id, Duration::from_secs(limit), args.client.json).await?;
+    let quiet = args.client.json;
+    let followed = match follow_events(&api, &id, quiet).await {
+        Ok(()) => true,
+        Err(e) => {
+            if !quiet {
+                eprintln!("({e}; polling instead)");
+            }
+            false
+        }
+    };
+    let done = wait_for(&api, &id, Duration::from_secs(limit), quiet || followed).await?;
     if args.client.json {
         print_json(&done);
     } else {
         print_job(&done);
     }
     Ok(done["status"] == "succeeded")
+}
+
+/// Follow the job's event stream until it ends, printing (unless `quiet`) status changes
+/// and what the agent does to stderr: Codex's parsed events, or other agents' output.
+async fn follow_events(api: &Api, id: &str, quiet: bool) -> Result<(), ClientError> {
+    let path = format!("/api/v1/jobs/{}/events", urlencode(id));
+    let mut response = api.open_stream(&path).await?;
+    let mut parser = SseParser::default();
+    let mut last_status = String::new();
+    // Codex's raw log is JSON; its parsed `agent` events are shown instead.
+    let mut raw_log = false;
+    let broken = |e: reqwest::Error| ClientError::Unreachable {
+        url: path.clone(),
+        reason: e.to_string(),
+    };
+    while let Some(chunk) = response.chunk().await.map_err(broken)? {
+        for event in parser.push(&chunk) {
+            let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+            match event.name.as_str() {
+                "end" => return Ok(()),
+                "job" if !quiet => {
+                    raw_log = data["agent"] != "codex";
+                    let status = data["status"].as_str().unwrap_or("").to_string();
+                    if status != last_status {
+                        match data["node_name"].as_str() {
+                            Some(node) => eprintln!("{status} (node {node})"),
+                            None => eprintln!("{status}"),
+                        }
+                        last_status = status;
+                    }
+                }
+                "log" if !quiet && raw_log => {
+                    for line in event.data.lines() {
+                        eprintln!("  | {line}");
+                    }
+                }
+                "agent" if !quiet => {
+                    if let Some(line) = describe_agent_event(&data) {
+                        eprintln!("  {line}");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Err(ClientError::Refused(
+        "the event stream ended early".to_string(),
+    ))
+}
+
+/// One line for an `agent` event, or nothing for those not worth a line.
+fn describe_agent_event(event: &Value) -> Option<String> {
+    let text = |k: &str| event[k].as_str().unwrap_or("").to_string();
+    let line = match event["kind"].as_str()? {
+        "command" => match event["exit_code"].as_i64() {
+            Some(code) => format!("$ {} (exit {code})", text("command")),
+            None => format!("$ {}", text("command")),
+        },
+        "file_change" => {
+            let paths: Vec<&str> = event["paths"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            format!("changed {}", paths.join(", "))
+        }
+        "message" => format!("agent: {}", text("text")),
+        "error" => format!("error: {}", text("message")),
+        "usage" => format!(
+            "tokens: {} in, {} out",
+            event["input_tokens"], event["output_tokens"]
+        ),
+        _ => return None,
+    };
+    Some(line)
 }
 
 async fn wait_for(api: &Api, id: &str, limit: Duration, quiet: bool) -> Result<Value, ClientError> {
@@ -115,6 +201,42 @@ fn print_job(job: &Value) {
         text(&job["prompt"]).lines().next().unwrap_or("")
     );
     let result = &job["result"];
+    if let Some(ms) = result["duration_ms"].as_u64() {
+        let prepare = result["prepare_ms"].as_u64().unwrap_or(0);
+        println!(
+            "took      {:.1} s (repositories {:.1} s)",
+            ms as f64 / 1000.0,
+            prepare as f64 / 1000.0
+        );
+    }
+    if let Some(code) = result["exit_code"].as_i64() {
+        println!("exit code {code}");
+    }
+    if let Some(usage) = result["usage"].as_object() {
+        let tokens = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "tokens    {} in ({} cached), {} out",
+            tokens("input_tokens"),
+            tokens("cached_input_tokens"),
+            tokens("output_tokens")
+        );
+    }
+    for diff in result["diffs"].as_array().into_iter().flatten() {
+        let files = diff["files"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        println!(
+            "changes   {}: {} file(s)",
+            text(&diff["source"]),
+            files.len()
+        );
+        for file in files {
+            println!(
+                "          +{:<5} -{:<5} {}",
+                file["added"],
+                file["removed"],
+                text(&file["path"])
+            );
+        }
+    }
     if let Some(message) = result["final_message"].as_str() {
         println!("\n{message}");
     }

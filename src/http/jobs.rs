@@ -9,10 +9,10 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
-use crate::mesh::jobs::{JobAction, JobError, JobQuery, SubmitRequest};
+use crate::mesh::jobs::{JobAction, JobError, JobQuery, JobView, SubmitRequest};
 use crate::mesh::LogSource;
 use crate::proto::jobs::{JobStatus, Origin, Sandbox};
-use crate::runner::logs;
+use crate::runner::{events, logs};
 use crate::wire::{Request, Response as PeerResponse};
 
 impl From<JobError> for ApiError {
@@ -215,13 +215,16 @@ struct EventState {
     id: String,
     offset: u64,
     last: Option<(String, u32, Option<String>)>,
+    /// The log's last line, until its newline arrives.
+    partial_line: Vec<u8>,
     finished: bool,
     pending: std::collections::VecDeque<Event>,
 }
 
 /// Live events of a job as server-sent events: `job` (the job object, whenever its status,
-/// attempt or reason changes), `log` (new log text), and `end` once the job has finished and
-/// its log has been sent. Any peer serves it.
+/// attempt or reason changes), `log` (new log text), `agent` (one per Codex event in the log,
+/// parsed: commands started and finished with exit codes, file changes, messages, usage,
+/// errors), and `end` once the job has finished and its log has been sent. Any peer serves it.
 pub(super) async fn events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -232,6 +235,7 @@ pub(super) async fn events(
         id,
         offset: 0,
         last: None,
+        partial_line: Vec::new(),
         finished: false,
         pending: Default::default(),
     };
@@ -255,38 +259,79 @@ pub(super) async fn events(
         .into_response())
 }
 
+/// Longest log line parsed for an `agent` event.
+const MAX_EVENT_LINE: usize = 4 << 20;
+
+/// Queue an `agent` event for every complete log line that is a Codex event.
+fn push_agent_events(state: &mut EventState, data: &[u8]) {
+    state.partial_line.extend_from_slice(data);
+    let Some(end) = state.partial_line.iter().rposition(|b| *b == b'\n') else {
+        if state.partial_line.len() > MAX_EVENT_LINE {
+            // Not an event anyone can use; skip to the next line.
+            state.partial_line.clear();
+        }
+        return;
+    };
+    let rest = state.partial_line.split_off(end + 1);
+    let complete = std::mem::replace(&mut state.partial_line, rest);
+    for line in complete.split(|b| *b == b'\n') {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
+        if let Some(json) = events::parse_line(line).and_then(|e| serde_json::to_string(&e).ok()) {
+            state
+                .pending
+                .push_back(Event::default().event("agent").data(json));
+        }
+    }
+}
+
+/// Queue a `job` event if the status, attempt or reason changed since the last one.
+fn push_job_if_changed(state: &mut EventState, job: &JobView) {
+    let key = (format!("{:?}", job.status), job.attempt, job.reason.clone());
+    if state.last.as_ref() == Some(&key) {
+        return;
+    }
+    state.last = Some(key);
+    if let Ok(json) = serde_json::to_string(job) {
+        state
+            .pending
+            .push_back(Event::default().event("job").data(json));
+    }
+}
+
 async fn poll_job(state: &mut EventState) {
     let Ok(job) = state.s.mesh.job(state.id.clone()).await else {
         state.finished = true;
         return;
     };
-    let key = (format!("{:?}", job.status), job.attempt, job.reason.clone());
     let terminal = job.status.is_terminal();
-    if state.last.as_ref() != Some(&key) {
-        state.last = Some(key);
-        if let Ok(json) = serde_json::to_string(&job) {
-            state
-                .pending
-                .push_back(Event::default().event("job").data(json));
-        }
+    if state.last.is_none() {
+        // The stream opens with the job as it is.
+        push_job_if_changed(state, &job);
     }
-    if let Ok((data, size)) = fetch_log(&state.s, &state.id, state.offset).await {
-        if !data.is_empty() {
-            state.offset += data.len() as u64;
-            // SSE cannot carry carriage returns; progress bars lose nothing that matters.
-            let text = String::from_utf8_lossy(&data).replace('\r', "");
-            state
-                .pending
-                .push_back(Event::default().event("log").data(text));
+    // The log before any change of status: what the agent did comes before what it led to.
+    let drained = match fetch_log(&state.s, &state.id, state.offset).await {
+        Ok((data, size)) => {
+            if !data.is_empty() {
+                state.offset += data.len() as u64;
+                // SSE cannot carry carriage returns; progress bars lose nothing that matters.
+                let text = String::from_utf8_lossy(&data).replace('\r', "");
+                state
+                    .pending
+                    .push_back(Event::default().event("log").data(text));
+                push_agent_events(state, &data);
+            }
+            state.offset >= size
         }
-        let drained = state.offset >= size;
-        if terminal && drained {
-            state
-                .pending
-                .push_back(Event::default().event("end").data(""));
-            state.finished = true;
-        }
-    } else if terminal {
+        // No log to be had (its worker is gone): end with the status alone.
+        Err(_) => true,
+    };
+    push_job_if_changed(state, &job);
+    if terminal && drained {
+        state
+            .pending
+            .push_back(Event::default().event("end").data(""));
         state.finished = true;
     }
 }

@@ -1,13 +1,21 @@
 //! Codex `exec --json` output: one JSON event per line. Parsed leniently: unknown event or item
 //! types, missing fields and garbage lines are skipped, never an error.
 
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::proto::jobs::Usage;
 
-/// What we take from one Codex event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What we take from one Codex event. Serialised (for the live event stream) as an object
+/// whose `kind` names the variant in snake case.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AgentEvent {
+    /// A command the agent started.
+    CommandStarted {
+        /// The command line.
+        command: String,
+    },
     /// A command the agent ran, once finished.
     Command {
         /// The command line.
@@ -21,22 +29,38 @@ pub enum AgentEvent {
         paths: Vec<String>,
     },
     /// A message from the agent.
-    Message(String),
+    Message {
+        /// Its text.
+        text: String,
+    },
     /// Token usage of a finished turn.
     Usage(Usage),
-    /// The turn or the run failed.
-    Error(String),
+    /// Something went wrong (a failed turn, or a non-fatal error Codex reported).
+    Error {
+        /// What Codex said.
+        message: String,
+    },
 }
 
 /// Parse one line of Codex JSONL.
 pub fn parse_line(line: &str) -> Option<AgentEvent> {
     let event: Value = serde_json::from_str(line.trim()).ok()?;
     let text = |v: &Value| v.as_str().map(str::to_string);
+    let failure = |message: Option<String>| message.map(|message| AgentEvent::Error { message });
     match event.get("type")?.as_str()? {
+        "item.started" => {
+            let item = event.get("item")?;
+            match item.get("type")?.as_str()? {
+                "command_execution" => Some(AgentEvent::CommandStarted {
+                    command: text(item.get("command")?)?,
+                }),
+                _ => None,
+            }
+        }
         "item.completed" => {
             let item = event.get("item")?;
             match item.get("type")?.as_str()? {
-                "agent_message" => text(item.get("text")?).map(AgentEvent::Message),
+                "agent_message" => text(item.get("text")?).map(|text| AgentEvent::Message { text }),
                 "command_execution" => Some(AgentEvent::Command {
                     command: text(item.get("command")?)?,
                     exit_code: item.get("exit_code").and_then(Value::as_i64),
@@ -49,7 +73,7 @@ pub fn parse_line(line: &str) -> Option<AgentEvent> {
                         .filter_map(|c| c.get("path").and_then(text))
                         .collect(),
                 }),
-                "error" => text(item.get("message")?).map(AgentEvent::Error),
+                "error" => failure(text(item.get("message")?)),
                 _ => None,
             }
         }
@@ -68,9 +92,9 @@ pub fn parse_line(line: &str) -> Option<AgentEvent> {
                 .and_then(|e| e.get("message"))
                 .and_then(text)
                 .unwrap_or_else(|| "the turn failed".into());
-            Some(AgentEvent::Error(message))
+            failure(Some(message))
         }
-        "error" => text(event.get("message")?).map(AgentEvent::Error),
+        "error" => failure(text(event.get("message")?)),
         _ => None,
     }
 }
@@ -92,7 +116,7 @@ impl Summary {
     /// Fold one event in.
     pub fn add(&mut self, event: AgentEvent) {
         match event {
-            AgentEvent::Message(text) => self.last_message = Some(text),
+            AgentEvent::Message { text } => self.last_message = Some(text),
             AgentEvent::Command { command, exit_code } => {
                 if self.commands.len() < 1000 {
                     self.commands.push((command, exit_code));
@@ -104,8 +128,8 @@ impl Summary {
                 total.cached_input_tokens += u.cached_input_tokens;
                 total.output_tokens += u.output_tokens;
             }
-            AgentEvent::Error(message) => self.error = Some(message),
-            AgentEvent::FileChange { .. } => {}
+            AgentEvent::Error { message } => self.error = Some(message),
+            AgentEvent::CommandStarted { .. } | AgentEvent::FileChange { .. } => {}
         }
     }
 }
@@ -150,10 +174,49 @@ mod tests {
     #[test]
     fn failures_are_reported() {
         let event = parse_line(r#"{"type":"turn.failed","error":{"message":"model overloaded"}}"#);
-        assert_eq!(event, Some(AgentEvent::Error("model overloaded".into())));
+        assert_eq!(
+            event,
+            Some(AgentEvent::Error {
+                message: "model overloaded".into()
+            })
+        );
         assert_eq!(
             parse_line(r#"{"type":"error","message":"boom"}"#),
-            Some(AgentEvent::Error("boom".into()))
+            Some(AgentEvent::Error {
+                message: "boom".into()
+            })
+        );
+    }
+
+    #[test]
+    fn events_serialise_with_their_kind() {
+        let started = parse_line(
+            r#"{"type":"item.started","item":{"id":"i1","type":"command_execution","command":"ls","exit_code":null,"status":"in_progress"}}"#,
+        );
+        let json = |e: Option<AgentEvent>| serde_json::to_value(e.expect("parsed")).unwrap();
+        assert_eq!(
+            json(started),
+            serde_json::json!({"kind": "command_started", "command": "ls"})
+        );
+        let done = parse_line(
+            r#"{"type":"item.completed","item":{"id":"i1","type":"command_execution","command":"ls","exit_code":2,"status":"failed"}}"#,
+        );
+        assert_eq!(
+            json(done),
+            serde_json::json!({"kind": "command", "command": "ls", "exit_code": 2})
+        );
+        let usage = parse_line(
+            r#"{"type":"turn.completed","usage":{"input_tokens":3,"cached_input_tokens":1,"output_tokens":2}}"#,
+        );
+        assert_eq!(
+            json(usage),
+            serde_json::json!({"kind": "usage", "input_tokens": 3, "cached_input_tokens": 1, "output_tokens": 2})
+        );
+        assert_eq!(
+            json(parse_line(
+                r#"{"type":"item.completed","item":{"type":"agent_message","text":"hi"}}"#
+            )),
+            serde_json::json!({"kind": "message", "text": "hi"})
         );
     }
 }
