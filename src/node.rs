@@ -233,6 +233,23 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             args.codex_bin
         );
     }
+    let pass_env = args
+        .pass_env
+        .iter()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid {
+                Ok(name)
+            } else {
+                Err(NodeError::Config(format!(
+                    "--pass-env {name:?}: not an environment variable name (letters, digits and _, not starting with a digit)"
+                )))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     crate::runner::repos::tune_git();
     let workdir_root = args
         .workdir_root
@@ -258,6 +275,7 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             keep_failed: args.keep_failed_workdirs,
         },
         active: Default::default(),
+        pass_env,
     })
 }
 

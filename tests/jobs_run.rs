@@ -501,10 +501,24 @@ fn any_peer_streams_a_jobs_events_until_it_ends() {
 fn the_agent_gets_a_scrubbed_environment() {
     let root = tempfile::tempdir().expect("temp dir");
     let data = root.path().join("n1");
+    // A bad variable name is a configuration error, said in one line.
+    let bad = common::up_args(
+        &data,
+        "n1",
+        &NodeOptions::with_extra(&["--agent", "env=env", "--pass-env", "NOT-A-NAME"]),
+    );
+    let out = common::run_cli(Path::new(BIN), &bad, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--pass-env \"NOT-A-NAME\": not an environment variable name"),
+        "{stderr}"
+    );
+
     let mut args = common::up_args(
         &data,
         "n1",
-        &NodeOptions::with_extra(&["--agent", "env=env"]),
+        &NodeOptions::with_extra(&["--agent", "env=env", "--pass-env", "OTHER_AGENT_KEY"]),
     );
     args.extend([
         "--github-token".to_string(),
@@ -513,6 +527,10 @@ fn the_agent_gets_a_scrubbed_environment() {
     let envs = vec![
         ("NODE_ONLY_SECRET".to_string(), "hush-17".to_string()),
         ("CODEX_HOME".to_string(), "/somewhere/codex".to_string()),
+        (
+            "OTHER_AGENT_KEY".to_string(),
+            "passed-on-purpose-5".to_string(),
+        ),
     ];
     let mut node = Node::spawn_with_env(Path::new(BIN), "n1", &data, args, envs);
     node.wait_ready(WAIT);
@@ -524,6 +542,10 @@ fn the_agent_gets_a_scrubbed_environment() {
         .body;
     assert!(log.contains("PATH="), "{log}");
     assert!(log.contains("CODEX_HOME=/somewhere/codex"), "{log}");
+    assert!(
+        log.contains("OTHER_AGENT_KEY=passed-on-purpose-5"),
+        "--pass-env: {log}"
+    );
     for secret in [
         "hush-17",
         "NODE_ONLY_SECRET",

@@ -209,6 +209,11 @@ pub struct NodeArgs {
     /// (repeatable; in the variable, one definition per line).
     #[arg(long = "agent", env = "CODEX_MESH_AGENTS", value_delimiter = '\n')]
     pub agents: Vec<String>,
+    /// Pass this environment variable on to agents too, e.g. another agent's API key
+    /// (repeatable; comma-separated in the variable). Agents otherwise see only PATH, HOME,
+    /// USER, LANG, TERM, TMPDIR, CODEX_HOME, OPENAI_API_KEY, CODEX_API_KEY and OPENAI_BASE_URL.
+    #[arg(long = "pass-env", env = "CODEX_MESH_PASS_ENV", value_delimiter = ',')]
+    pub pass_env: Vec<String>,
     /// The codex CLI to run for `codex` jobs (a name on PATH or a path).
     #[arg(long, env = "CODEX_MESH_CODEX_BIN", default_value = "codex")]
     pub codex_bin: String,

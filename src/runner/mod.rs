@@ -36,6 +36,8 @@ pub struct RunnerConfig {
     pub repos: RepoConfig,
     /// Which work directories are kept.
     pub retention: retention::Retention,
+    /// Environment variables passed to agents besides [`PASSED_ENV`] (operator's choice).
+    pub pass_env: Vec<String>,
     /// Jobs running now (their work directories are never cleaned).
     pub active: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
@@ -189,7 +191,9 @@ async fn run(
         .envs(
             PASSED_ENV
                 .iter()
-                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+                .copied()
+                .chain(config.pass_env.iter().map(String::as_str))
+                .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
