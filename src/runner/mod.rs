@@ -8,6 +8,8 @@ pub mod logs;
 pub mod repos;
 pub mod retention;
 pub mod spares;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::process::Stdio;

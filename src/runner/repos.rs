@@ -302,6 +302,7 @@ pub fn diff_summary(checkout: &Checkout) -> Result<RepoDiff, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runner::testing::git;
 
     fn config(allow_local: bool) -> RepoConfig {
         RepoConfig {
@@ -336,19 +337,6 @@ mod tests {
         assert_eq!(dir_name("o/app"), "app");
         assert_eq!(dir_name("https://h/x/lib.git"), "lib");
         assert_eq!(dir_name("git@h:o/tool.git"), "tool");
-    }
-
-    fn git(dir: &Path, args: &[&str]) {
-        let status = std::process::Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t")
-            .status()
-            .expect("git runs");
-        assert!(status.success(), "git {args:?}");
     }
 
     #[test]

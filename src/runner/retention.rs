@@ -126,12 +126,9 @@ mod tests {
             keep_failed: false,
         };
         clean(root.path(), policy, &["job-b".into()]);
-        let mut left: Vec<String> = std::fs::read_dir(root.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".spares", "job-b"]);
+        assert_eq!(
+            crate::runner::testing::entry_names(root.path()),
+            [".spares", "job-b"]
+        );
     }
 }

@@ -255,20 +255,8 @@ mod tests {
     use super::*;
     use crate::proto::jobs::RepoSpec;
     use crate::runner::repos::{diff_summary, prepare, Checkout, RepoConfig};
+    use crate::runner::testing::{entry_names, git};
     use std::os::unix::fs::MetadataExt;
-
-    fn git(dir: &Path, args: &[&str]) {
-        let status = std::process::Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@t")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@t")
-            .status()
-            .expect("git runs");
-        assert!(status.success(), "git {args:?}");
-    }
 
     fn commit_file(repo: &Path, name: &str) {
         std::fs::write(repo.join(name), format!("{name}\n")).unwrap();
@@ -447,14 +435,8 @@ mod tests {
         }
         std::fs::create_dir_all(root.path().join(format!("{BUILDING_PREFIX}x-1"))).unwrap();
         trim(&config);
-        let mut left: Vec<String> = std::fs::read_dir(root.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
         assert_eq!(
-            left,
+            entry_names(root.path()),
             [format!("{BUILDING_PREFIX}x-1"), "mid".into(), "new".into()]
         );
     }
