@@ -5,6 +5,7 @@
 use serde::Serialize;
 use thiserror::Error;
 
+use super::views::NodeView;
 use super::{unix_ms, Mesh};
 use crate::proto::crdt::MaxReg;
 use crate::proto::ids::ulid;
@@ -13,7 +14,7 @@ use crate::proto::jobs::{
     MAX_PROMPT_BYTES, MAX_REPOS, MAX_TIMEOUT_SECS,
 };
 use crate::proto::records::{validate_tag, Key, Record};
-use crate::proto::repo_spec::{parse_repo, repo_kind, RepoKind};
+use crate::proto::repo_spec::parse_repo;
 
 /// Default wall-clock limit of a job.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 3600;
@@ -85,9 +86,6 @@ pub enum JobError {
 /// A job as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobView {
-    /// Job id (serialised once, as part of the spec).
-    #[serde(skip_serializing)]
-    pub id: String,
     /// Current status.
     pub status: JobStatus,
     /// Attempt number.
@@ -151,7 +149,6 @@ impl Mesh {
         let node = assignment.map(|a| a.node.clone());
         let node_name = node.as_ref().and_then(|id| self.node_name(id));
         JobView {
-            id: job.spec.id.clone(),
             status: progress.status,
             attempt: progress.attempt,
             node,
@@ -200,6 +197,12 @@ impl Mesh {
                 prompt.len()
             )));
         }
+        // The nodes the job could run on, read once for every check below.
+        let members: Vec<NodeView> = self
+            .node_views()
+            .into_iter()
+            .filter(|n| !n.removed)
+            .collect();
         let target = match (optional_text(request.node), optional_text(request.tag)) {
             (Some(_), Some(_)) => return Err(invalid("give a node or a tag, not both".into())),
             (Some(node), None) => Target::Node(
@@ -208,10 +211,7 @@ impl Mesh {
             ),
             (None, Some(tag)) => {
                 validate_tag(&tag).map_err(invalid)?;
-                let carried = self
-                    .node_views()
-                    .iter()
-                    .any(|n| !n.removed && n.tags.contains(&tag));
+                let carried = members.iter().any(|n| n.tags.contains(&tag));
                 if !carried {
                     return Err(invalid(format!("no node carries the tag {tag:?}")));
                 }
@@ -228,11 +228,11 @@ impl Mesh {
             .map(|r| parse_repo(r))
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
-        self.check_local_paths(&repos, &target).map_err(invalid)?;
+        check_local_paths(&repos, &target, &members).map_err(invalid)?;
         let agent = optional_text(request.agent).unwrap_or_else(|| "codex".to_string());
         let mut known: Vec<String> = BUILTIN_AGENTS.iter().map(|a| a.to_string()).collect();
-        for node in self.node_views().into_iter().filter(|n| !n.removed) {
-            known.extend(node.agents);
+        for node in &members {
+            known.extend(node.agents.iter().cloned());
         }
         known.sort();
         known.dedup();
@@ -288,31 +288,6 @@ impl Mesh {
     }
 
     /// Jobs matching `query`, newest first.
-    /// Refuse local repository paths unless a node the job may run on allows them.
-    fn check_local_paths(&self, repos: &[RepoSpec], target: &Target) -> Result<(), String> {
-        let Some(local) = repos
-            .iter()
-            .find(|r| matches!(repo_kind(&r.source), Ok(RepoKind::LocalPath)))
-        else {
-            return Ok(());
-        };
-        let views = self.node_views();
-        let mut allowing = views.iter().filter(|n| !n.removed && n.local_repos);
-        let (allowed, which) = match target {
-            Target::Node(id) => (allowing.any(|n| &n.id == id), "the target node"),
-            Target::Tag(tag) => (allowing.any(|n| n.tags.contains(tag)), "with that tag"),
-            Target::Any => (allowing.next().is_some(), "in the mesh"),
-        };
-        if allowed {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: no node {which} allows local repository paths (an operator can allow them with --allow-local-repos)",
-                local.source
-            ))
-        }
-    }
-
     pub(super) fn list_jobs(&self, query: &JobQuery) -> Result<JobList, JobError> {
         let node = match &query.node {
             Some(n) => Some(
@@ -333,11 +308,11 @@ impl Mesh {
             .filter(|v| node.is_none() || v.node == node)
             .filter(|v| {
                 text.as_ref().is_none_or(|t| {
-                    v.id.to_lowercase().contains(t) || v.spec.prompt.to_lowercase().contains(t)
+                    v.spec.id.to_lowercase().contains(t) || v.spec.prompt.to_lowercase().contains(t)
                 })
             })
             .collect();
-        views.sort_by(|a, b| b.id.cmp(&a.id));
+        views.sort_by(|a, b| b.spec.id.cmp(&a.spec.id));
         let total = views.len();
         let jobs = views
             .into_iter()
@@ -403,5 +378,30 @@ impl Mesh {
         )
         .map_err(|e| JobError::Store(e.to_string()))?;
         self.get_job(id)
+    }
+}
+
+/// Refuse local repository paths unless one of `members` the job may run on allows them.
+fn check_local_paths(
+    repos: &[RepoSpec],
+    target: &Target,
+    members: &[NodeView],
+) -> Result<(), String> {
+    let Some(local) = repos.iter().find(|r| r.is_local_path()) else {
+        return Ok(());
+    };
+    let mut allowing = members.iter().filter(|n| n.local_repos);
+    let (allowed, which) = match target {
+        Target::Node(id) => (allowing.any(|n| &n.id == id), "the target node"),
+        Target::Tag(tag) => (allowing.any(|n| n.tags.contains(tag)), "with that tag"),
+        Target::Any => (allowing.next().is_some(), "in the mesh"),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: no node {which} allows local repository paths (an operator can allow them with --allow-local-repos)",
+            local.source
+        ))
     }
 }

@@ -39,6 +39,17 @@ pub struct RepoSpec {
     pub branch: Option<String>,
 }
 
+impl RepoSpec {
+    /// Whether this is a path on the node's own disk (only nodes whose operator allows that
+    /// can clone it).
+    pub fn is_local_path(&self) -> bool {
+        matches!(
+            super::repo_spec::repo_kind(&self.source),
+            Ok(super::repo_spec::RepoKind::LocalPath)
+        )
+    }
+}
+
 /// Codex sandbox modes.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -98,12 +109,32 @@ impl JobSpec {
     /// Whether any repository is a path on the node's own disk (only nodes whose operator
     /// allows that can run the job).
     pub fn names_local_paths(&self) -> bool {
-        self.repos.iter().any(|r| {
-            matches!(
-                super::repo_spec::repo_kind(&r.source),
-                Ok(super::repo_spec::RepoKind::LocalPath)
-            )
-        })
+        self.repos.iter().any(RepoSpec::is_local_path)
+    }
+}
+
+#[cfg(test)]
+impl JobSpec {
+    /// A valid spec for unit tests: `prompt` for any node, with the `codex` agent.
+    pub(crate) fn for_tests(prompt: &str) -> JobSpec {
+        JobSpec {
+            id: "01J0000000000000000000000A".into(),
+            target: Target::Any,
+            repos: vec![],
+            prompt: prompt.into(),
+            agent: "codex".into(),
+            model: None,
+            sandbox: Sandbox::WorkspaceWrite,
+            timeout_secs: 600,
+            idle_timeout_secs: 120,
+            origin: Origin {
+                kind: "cli".into(),
+                reply_to: None,
+                user: None,
+            },
+            submitted_via: "n1".into(),
+            submitted_at_ms: 1,
+        }
     }
 }
 
@@ -361,24 +392,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn spec(prompt: &str) -> JobSpec {
-        JobSpec {
-            id: "01J0000000000000000000000A".into(),
-            target: Target::Any,
-            repos: vec![],
-            prompt: prompt.into(),
-            agent: "codex".into(),
-            model: None,
-            sandbox: Sandbox::WorkspaceWrite,
-            timeout_secs: 600,
-            idle_timeout_secs: 120,
-            origin: Origin {
-                kind: "cli".into(),
-                reply_to: None,
-                user: None,
-            },
-            submitted_via: "n1".into(),
-            submitted_at_ms: 1,
-        }
+        JobSpec::for_tests(prompt)
     }
 
     fn status() -> impl Strategy<Value = JobStatus> {

@@ -34,9 +34,9 @@ pub struct NodeLoad {
 }
 
 impl NodeLoad {
-    /// Whether the node has what `spec` needs: its agent, and local paths if it names any.
-    fn can_run(&self, spec: &JobSpec) -> bool {
-        self.agents.contains(&spec.agent) && (self.local_repos || !spec.names_local_paths())
+    /// Whether the node has what a job needs: its `agent`, and local paths if it names any.
+    fn can_run(&self, agent: &str, needs_local_repos: bool) -> bool {
+        self.agents.iter().any(|a| a == agent) && (self.local_repos || !needs_local_repos)
     }
 
     fn available(&self) -> bool {
@@ -60,6 +60,7 @@ pub enum Decision {
 
 /// Choose a node for `spec` among `nodes`, skipping those in `skip` (recent refusals).
 pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
+    let needs_local_repos = spec.names_local_paths();
     match &spec.target {
         Target::Node(id) => {
             let Some(node) = nodes.iter().find(|n| &n.id == id) else {
@@ -79,7 +80,7 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
                     "waiting: node {name} has no agent {:?}",
                     spec.agent
                 ))
-            } else if spec.names_local_paths() && !node.local_repos {
+            } else if needs_local_repos && !node.local_repos {
                 Decision::Wait(format!(
                     "waiting: node {name} does not allow local repository paths"
                 ))
@@ -92,7 +93,7 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
         Target::Tag(tag) => least_loaded(
             nodes
                 .iter()
-                .filter(|n| n.tags.contains(tag) && n.can_run(spec)),
+                .filter(|n| n.tags.contains(tag) && n.can_run(&spec.agent, needs_local_repos)),
             skip,
             &format!(
                 "waiting for a free slot on a node tagged {tag:?} with agent {:?}",
@@ -100,7 +101,9 @@ pub fn choose(spec: &JobSpec, nodes: &[NodeLoad], skip: &[NodeId]) -> Decision {
             ),
         ),
         Target::Any => least_loaded(
-            nodes.iter().filter(|n| n.can_run(spec)),
+            nodes
+                .iter()
+                .filter(|n| n.can_run(&spec.agent, needs_local_repos)),
             skip,
             &format!(
                 "waiting for a free slot on a node with agent {:?}",
@@ -133,7 +136,6 @@ fn least_loaded<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::jobs::{Origin, Sandbox};
     use super::*;
 
     fn node(id: &str, tags: &[&str], slots: u32, running: u32) -> NodeLoad {
@@ -153,22 +155,8 @@ mod tests {
 
     fn spec(target: Target) -> JobSpec {
         JobSpec {
-            id: "j".into(),
             target,
-            repos: vec![],
-            prompt: "p".into(),
-            agent: "codex".into(),
-            model: None,
-            sandbox: Sandbox::WorkspaceWrite,
-            timeout_secs: 60,
-            idle_timeout_secs: 60,
-            origin: Origin {
-                kind: "cli".into(),
-                reply_to: None,
-                user: None,
-            },
-            submitted_via: "a".into(),
-            submitted_at_ms: 0,
+            ..JobSpec::for_tests("p")
         }
     }
 

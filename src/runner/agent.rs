@@ -186,26 +186,12 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::jobs::{Origin, Target};
 
     fn spec(agent: &str, prompt: &str) -> JobSpec {
         JobSpec {
-            id: "j".into(),
-            target: Target::Any,
-            repos: vec![],
-            prompt: prompt.into(),
             agent: agent.into(),
             model: Some("m1".into()),
-            sandbox: Sandbox::WorkspaceWrite,
-            timeout_secs: 60,
-            idle_timeout_secs: 60,
-            origin: Origin {
-                kind: "cli".into(),
-                reply_to: None,
-                user: None,
-            },
-            submitted_via: "n".into(),
-            submitted_at_ms: 0,
+            ..JobSpec::for_tests(prompt)
         }
     }
 
