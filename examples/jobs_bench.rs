@@ -51,9 +51,12 @@
 mod common;
 #[path = "../tests/support/git_server.rs"]
 mod git_server;
+#[path = "support/stats.rs"]
+mod stats;
 
 use git_server::git;
 
+use stats::{cpu_ticks, millis, percentiles, Percentiles};
 use std::collections::BTreeMap;
 use std::env;
 use std::fs;
@@ -125,15 +128,6 @@ struct Options {
     dispatch_samples: usize,
     jobs: usize,
     repo_mb: usize,
-}
-
-/// min / p50 / p99 / max of a sample, in milliseconds.
-#[derive(Clone, Copy)]
-struct Percentiles {
-    min: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
 }
 
 /// Part 1.
@@ -330,17 +324,11 @@ fn get_job(node: &Node, id: &str) -> Result<Value, String> {
         .map_err(|e| format!("{}: GET {path}: {e}", node.name))
 }
 
-fn is_terminal(job: &Value) -> bool {
-    job["status"]
-        .as_str()
-        .is_some_and(|s| TERMINAL.contains(&s))
-}
-
 /// Polls job `id` on `node` until it is terminal; panics after `timeout`.
 fn wait_terminal(node: &Node, id: &str, interval: Duration, timeout: Duration) -> Value {
     common::poll_every(interval, timeout, &format!("job {id} to finish"), || {
         let job = get_job(node, id)?;
-        if is_terminal(&job) {
+        if common::job_finished(&job) {
             Ok(job)
         } else {
             Err(common::truncate(&job.to_string(), 400))
@@ -375,10 +363,6 @@ fn read_stamp(path: &Path) -> i128 {
 
 fn ns_to_ms(ns: i128) -> f64 {
     ns as f64 / 1e6
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 // ---------------------------------------------------------------------------
@@ -564,7 +548,7 @@ fn bench_throughput(bin: &Path, jobs: usize) -> ThroughputReport {
             continue;
         };
         let status = job["status"].as_str().unwrap_or("?").to_owned();
-        if is_terminal(job) {
+        if common::job_finished(job) {
             let at = job["updated_at_ms"].as_f64().unwrap_or(0.0);
             last_terminal_ms = last_terminal_ms.max(at);
             ends.push(at);
@@ -589,23 +573,6 @@ fn bench_throughput(bin: &Path, jobs: usize) -> ThroughputReport {
         ran_on,
         cpu_percent,
     }
-}
-
-/// utime + stime of a process, in clock ticks (`/proc/PID/stat`).
-fn cpu_ticks(pid: u32) -> u64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    // Fields after the command name (which may contain spaces) start at
-    // field 3 (state); utime and stime are fields 14 and 15.
-    let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let field = |n: usize| -> u64 {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("field {n} missing in {path}: {stat}"))
-    };
-    field(14) + field(15)
 }
 
 /// `total` of `GET /api/v1/jobs?<query>&limit=1`.
@@ -956,22 +923,6 @@ fn run_repo_job(cluster: &Cluster, url: &str, expect_file: Option<&str>) -> Repo
 // ---------------------------------------------------------------------------
 // Statistics and output
 // ---------------------------------------------------------------------------
-
-/// Nearest-rank percentiles of a non-empty sample.
-fn percentiles(values: &[f64]) -> Percentiles {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = |p: f64| {
-        let idx = (p * sorted.len() as f64).ceil() as usize;
-        sorted[idx.clamp(1, sorted.len()) - 1]
-    };
-    Percentiles {
-        min: sorted.first().copied().unwrap_or_default(),
-        p50: rank(0.50),
-        p99: rank(0.99),
-        max: sorted.last().copied().unwrap_or_default(),
-    }
-}
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let values: Vec<f64> = values.collect();

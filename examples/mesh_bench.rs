@@ -30,7 +30,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
+use stats::{cpu_ticks, millis, percentiles, Percentiles};
 use std::env;
 use std::fs;
 use std::path::Path;
@@ -59,13 +62,6 @@ const FAILOVER_REPS_LARGEST: usize = 3;
 struct Options {
     sizes: Vec<usize>,
     samples: usize,
-}
-
-/// p50 / p99 / max of a set of durations, in milliseconds.
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
 }
 
 /// Mean and max of a per-node figure.
@@ -277,23 +273,6 @@ fn measure_idle(mesh: &Mesh) -> Idle {
     }
 }
 
-/// utime + stime of a process, in clock ticks (`/proc/PID/stat`).
-fn cpu_ticks(pid: u32) -> u64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    // Fields after the command name (which may contain spaces) start at
-    // field 3 (state); utime and stime are fields 14 and 15.
-    let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let field = |n: usize| -> u64 {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("field {n} missing in {path}: {stat}"))
-    };
-    field(14) + field(15)
-}
-
 /// Resident set size of a process in KiB (`VmRSS` in `/proc/PID/status`).
 fn rss_kib(pid: u32) -> u64 {
     let path = format!("/proc/{pid}/status");
@@ -358,25 +337,6 @@ fn statuses_concurrently(mesh: &Mesh, indices: &[usize]) -> Vec<(usize, Status)>
             .filter_map(|h| h.join().expect("status thread panicked"))
             .collect()
     })
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentiles of a non-empty sample.
-fn percentiles(values: &[f64]) -> Percentiles {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = |p: f64| {
-        let idx = (p * sorted.len() as f64).ceil() as usize;
-        sorted[idx.clamp(1, sorted.len()) - 1]
-    };
-    Percentiles {
-        p50: rank(0.50),
-        p99: rank(0.99),
-        max: sorted.last().copied().unwrap_or_default(),
-    }
 }
 
 fn mean_max(values: &[f64]) -> MeanMax {

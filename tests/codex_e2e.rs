@@ -277,13 +277,7 @@ fn a_stalled_model_trips_the_idle_watchdog_and_cancel_stops_codex() {
         json!({"prompt": "stall-one", "idle_timeout_secs": 3, "timeout_secs": 300}),
     );
     let job = wait_job(node, &id, "the idle watchdog", job_finished);
-    assert_eq!(job["status"], "timed_out", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("no output")),
-        "{job}"
-    );
+    common::assert_ended(&job, "timed_out", "no output");
 
     let id = submit_job(
         node,

@@ -55,12 +55,8 @@ fn a_command_agent_runs_in_a_fresh_work_dir_and_reports_its_result() {
 
     let id = submit_job(node, json!({"prompt": "x", "agent": "fail"}));
     let job = wait_job(node, &id, "failing job to finish", job_finished);
-    assert_eq!(job["status"], "failed", "{job}");
+    common::assert_ended(&job, "failed", "code 3");
     assert_eq!(job["result"]["exit_code"], 3);
-    assert!(
-        job["reason"].as_str().is_some_and(|r| r.contains("code 3")),
-        "{job}"
-    );
 
     // `submit --wait` follows the job and its exit status says how it ended.
     let out = node.cli(&["submit", "--wait", "--agent", "write", "from the cli"]);
@@ -99,26 +95,14 @@ fn wall_clock_and_idle_limits_stop_the_agent() {
         json!({"prompt": "x", "agent": "sleepy", "timeout_secs": 2, "idle_timeout_secs": 100}),
     );
     let job = wait_job(node, &id, "wall-clock limit", job_finished);
-    assert_eq!(job["status"], "timed_out", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("time limit")),
-        "{job}"
-    );
+    common::assert_ended(&job, "timed_out", "time limit");
 
     let id = submit_job(
         node,
         json!({"prompt": "x", "agent": "quiet", "timeout_secs": 100, "idle_timeout_secs": 2}),
     );
     let job = wait_job(node, &id, "idle limit", job_finished);
-    assert_eq!(job["status"], "timed_out", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("no output")),
-        "{job}"
-    );
+    common::assert_ended(&job, "timed_out", "no output");
 }
 
 fn alive(pid: &str) -> bool {
@@ -323,13 +307,7 @@ fn a_job_with_two_repositories_on_a_two_node_mesh_reports_a_diff_per_repository(
         "job with an unreachable repository to fail",
         job_finished,
     );
-    assert_eq!(job["status"], "failed", "{job}");
-    assert!(
-        job["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("cannot get")),
-        "{job}"
-    );
+    common::assert_ended(&job, "failed", "cannot get");
 }
 
 #[test]

@@ -1133,6 +1133,15 @@ pub fn job_finished(job: &serde_json::Value) -> bool {
     )
 }
 
+/// Panic unless `job` ended with `status` and a reason that contains `reason`.
+pub fn assert_ended(job: &serde_json::Value, status: &str, reason: &str) {
+    assert_eq!(job["status"], status, "{job}");
+    assert!(
+        job["reason"].as_str().is_some_and(|r| r.contains(reason)),
+        "reason should contain {reason:?}: {job}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Benchmarks
 // ---------------------------------------------------------------------------
