@@ -238,7 +238,7 @@ pub fn prepare(
 
 /// Clone the local `mirror` into `dir`, copying (hard-linking where possible) its files
 /// instead of packing objects anew.
-fn clone_from_mirror(
+pub(super) fn clone_from_mirror(
     mirror: &Path,
     branch: Option<&str>,
     dir: &Path,

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::repos::clone_from_mirror;
 use git2::{
     build::CheckoutBuilder, AutotagOption, BranchType, FetchOptions, FetchPrune, Repository,
 };
@@ -40,8 +41,9 @@ impl SpareConfig {
 }
 
 /// Move the spare of `mirror_id` to `dest` and bring it to `branch` (or the mirror's default
-/// branch) as the mirror has it now, waiting first for a spare that is being made. Returns `false`, leaving nothing at `dest`, when there
-/// is no spare or it cannot be used; the caller then clones as usual.
+/// branch) as the mirror has it now, waiting first for a spare that is being made. Returns
+/// `false`, leaving nothing at `dest`, when there is no spare or it cannot be used; the caller
+/// then clones as usual.
 pub fn take(
     config: &SpareConfig,
     mirror_id: &str,
@@ -204,13 +206,9 @@ fn refill(config: &SpareConfig, mirror_id: &str, mirror: &Path) -> Result<(), St
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&building);
-    let mirror_text = mirror.to_str().ok_or("mirror path is not UTF-8")?;
-    let cloned = git2::build::RepoBuilder::new()
-        .clone_local(git2::build::CloneLocal::Local)
-        .clone(mirror_text, &building);
-    if let Err(e) = cloned {
+    if let Err(e) = clone_from_mirror(mirror, None, &building) {
         let _ = std::fs::remove_dir_all(&building);
-        return Err(e.message().to_string());
+        return Err(e);
     }
     if std::fs::rename(&building, config.path(mirror_id)).is_err() {
         // Another spare appeared meanwhile.
