@@ -214,7 +214,8 @@ struct EventState {
     s: ApiState,
     id: String,
     offset: u64,
-    last: Option<(String, u32, Option<String>)>,
+    /// Status, attempt and reason of the last `job` event.
+    last: Option<(JobStatus, u32, Option<String>)>,
     /// The log's last line, until its newline arrives.
     partial_line: Vec<u8>,
     finished: bool,
@@ -288,7 +289,7 @@ fn push_agent_events(state: &mut EventState, data: &[u8]) {
 
 /// Queue a `job` event if the status, attempt or reason changed since the last one.
 fn push_job_if_changed(state: &mut EventState, job: &JobView) {
-    let key = (format!("{:?}", job.status), job.attempt, job.reason.clone());
+    let key = (job.status, job.attempt, job.reason.clone());
     if state.last.as_ref() == Some(&key) {
         return;
     }
