@@ -67,11 +67,13 @@ impl Mesh {
         (epoch, s.seq)
     }
 
-    fn jobs(&self) -> Vec<JobRecord> {
+    /// Jobs not finished yet (queued or active): all a scheduling round needs. Finished ones,
+    /// with their results, are left uncopied.
+    fn open_jobs(&self) -> Vec<JobRecord> {
         self.state
             .with_prefix("job/")
             .filter_map(|(_, r)| match r {
-                Record::Job(job) => Some((**job).clone()),
+                Record::Job(job) if !job.progress.0.status.is_terminal() => Some((**job).clone()),
                 _ => None,
             })
             .collect()
@@ -135,9 +137,9 @@ impl Mesh {
 
     /// One scheduling round. Only call while this node acts as master.
     fn schedule(&mut self, now: u64) {
-        let mut jobs = self.jobs();
+        let mut jobs = self.open_jobs();
         if self.handle_lost_jobs(&jobs, now) {
-            jobs = self.jobs();
+            jobs = self.open_jobs();
         }
         let mut loads = self.node_loads(&jobs);
         let mut queued: Vec<&JobRecord> = jobs
@@ -333,9 +335,12 @@ impl Mesh {
             .find(|n| n.id == self.id)
             .map_or(self.config.slots, |n| n.slots);
         let running = self
-            .jobs()
-            .iter()
-            .filter(|j| j.spec.id != record.spec.id && active_node(j) == Some(&self.id))
+            .state
+            .with_prefix("job/")
+            .filter(|(_, r)| {
+                matches!(r, Record::Job(j)
+                    if j.spec.id != record.spec.id && active_node(j) == Some(&self.id))
+            })
             .count() as u32;
         if running >= slots {
             return Response::Refused(format!("all {slots} slots are busy"));
