@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::client::{print_json, short, urlencode, Api, ClientError};
 use super::sse::SseParser;
 use super::{ClientArgs, SubmitArgs};
+use crate::proto::jobs::JobStatus;
 
 /// `codex-mesh submit`. Returns whether the job succeeded (always true without `--wait`).
 pub async fn submit(args: SubmitArgs) -> Result<bool, ClientError> {
@@ -142,6 +143,11 @@ fn describe_agent_event(event: &Value) -> Option<String> {
     Some(line)
 }
 
+/// Whether the job object from the API is in a final status.
+fn has_finished(job: &Value) -> bool {
+    serde_json::from_value::<JobStatus>(job["status"].clone()).is_ok_and(|s| s.is_terminal())
+}
+
 async fn wait_for(api: &Api, id: &str, limit: Duration, quiet: bool) -> Result<Value, ClientError> {
     let deadline = Instant::now() + limit;
     let path = format!("/api/v1/jobs/{}", urlencode(id));
@@ -152,10 +158,7 @@ async fn wait_for(api: &Api, id: &str, limit: Duration, quiet: bool) -> Result<V
         if status != last && !quiet {
             eprintln!("{status}");
         }
-        if matches!(
-            status.as_str(),
-            "succeeded" | "failed" | "cancelled" | "timed_out" | "lost"
-        ) {
+        if has_finished(&job) {
             return Ok(job);
         }
         last = status;
@@ -341,11 +344,7 @@ pub async fn logs(id: String, follow: bool, client: ClientArgs) -> Result<(), Cl
         let job = api
             .call(Method::GET, &format!("/api/v1/jobs/{id_path}"), None)
             .await?;
-        let done = matches!(
-            job["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled" | "timed_out" | "lost")
-        );
-        if done && data.is_empty() {
+        if has_finished(&job) && data.is_empty() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
