@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::crdt::NodeId;
 use crate::proto::election;
+use crate::proto::ids::is_ulid;
 use crate::proto::jobs::JobRecord;
 use crate::proto::records::Record;
 
@@ -94,7 +95,8 @@ pub enum Request {
 }
 
 impl Request {
-    /// Bound-check a received request.
+    /// Bound-check a received request: sizes, the shape of every job id (so no id can name a
+    /// file outside the log directory), and voter sets. The one place requests are checked.
     pub fn check(&self) -> Result<(), String> {
         match self {
             Request::SyncBuckets(b) if b.len() > 1024 => Err("too many buckets".into()),
@@ -111,8 +113,24 @@ impl Request {
             {
                 Err("log chunk too large".into())
             }
+            Request::Log { job, .. } | Request::StoreLog { job, .. } if !is_ulid(job) => {
+                Err("malformed job id".into())
+            }
+            Request::Assign(record) if !is_ulid(&record.spec.id) => Err("malformed job id".into()),
+            Request::Election(msg) => check_election(msg),
             _ => Ok(()),
         }
+    }
+}
+
+/// Bounds of an election message that do not depend on the receiver's state (the election
+/// itself decides whom and which terms it admits).
+fn check_election(msg: &election::Message) -> Result<(), String> {
+    match msg {
+        election::Message::Heartbeat { membership, .. } => {
+            membership.check().map_err(|e| e.to_string())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -7,7 +7,12 @@
 //! connectivity is not transitive), node crashes (in-flight messages to and from the node are
 //! lost; it restarts from exactly the hard state its last `Action::Persist` carried), quick
 //! process restarts while a link is down, and paused processes (SIGSTOP: no ticks, no
-//! receiving; messages sent to it are delivered late or lost). The harness also plays the
+//! receiving; messages sent to it are delivered late or lost). A Byzantine-ish peer that holds
+//! the mesh key but is no voter sends forged election messages (terms of `u64::MAX` and just
+//! above the victim's, empty and self-serving voter sets, vote grants and refusals naming
+//! itself) and forged `master` records (its own lease at epoch `u64::MAX` and one just ahead)
+//! to nodes that already have a voter configuration; a node that has none yet trusts the
+//! first one it hears, which is outside this model. The harness also plays the
 //! runtime's part: the master changes voters with `voters::desired_voters` over simulated
 //! liveness and publishes the `master` record; every node writes `admin/<id>` records with its
 //! own hybrid logical clock, gossips them, and runs paged anti-entropy with random peers.
@@ -34,7 +39,7 @@ use std::time::Instant;
 
 use codex_mesh::proto::crdt::{Lww, MaxReg, NodeId, Stamp};
 use codex_mesh::proto::election::{
-    Action, Election, HardState, Membership, Message, Position, Timing,
+    Action, Election, HardState, Membership, Message, Position, Timing, MAX_TERM_LEAP,
 };
 use codex_mesh::proto::hlc::HlcClock;
 use codex_mesh::proto::records::{MasterInfo, NodeAdmin, Record};
@@ -60,6 +65,19 @@ const ANTI_ENTROPY_PERMILLE: u64 = 40;
 const EXTRA_IDS: [&str; 6] = ["w0", "w1", "w2", "w3", "w4", "w5"];
 /// Trace lines shown with a failure.
 const TRACE_TAIL: usize = 150;
+/// Node id of the Byzantine peer (holds the mesh key, never a voter).
+const BYZANTINE: &str = "byz";
+
+/// A `master` record claiming the lease for `master` in `epoch`.
+fn forged_lease(epoch: u64, master: &NodeId) -> Record {
+    Record::Master(MaxReg(MasterInfo {
+        epoch,
+        config_index: 1,
+        master: master.clone(),
+        since_ms: 0,
+        voters: [master.clone()].into_iter().collect(),
+    }))
+}
 
 /// A tiny xorshift64* generator: the only source of randomness of a run.
 #[derive(Clone, Debug)]
@@ -155,6 +173,11 @@ enum Event {
     /// Crash a node and restart it at once (a supervisor restarting a crashed process).
     Bounce(usize),
     HealLink(usize, usize),
+    /// A message from the Byzantine peer arrives at a node.
+    Forged {
+        to: usize,
+        payload: Payload,
+    },
     /// Start of the final, fault-free phase.
     Heal,
 }
@@ -225,6 +248,8 @@ struct Stats {
     writes: u64,
     anti_entropy_rounds: u64,
     anti_entropy_pages: u64,
+    forged: u64,
+    refused_records: u64,
     max_term: u64,
 }
 
@@ -243,6 +268,8 @@ impl Stats {
         self.writes += other.writes;
         self.anti_entropy_rounds += other.anti_entropy_rounds;
         self.anti_entropy_pages += other.anti_entropy_pages;
+        self.forged += other.forged;
+        self.refused_records += other.refused_records;
         self.max_term = self.max_term.max(other.max_term);
     }
 }
@@ -331,9 +358,11 @@ fn show_config(m: &Membership) -> String {
 fn show_message(msg: &Message) -> String {
     match msg {
         Message::PreVote { term, position } => format!("PreVote t{term} pos{position:?}"),
-        Message::PreVoteReply { term, granted } => {
-            format!("PreVoteReply t{term} granted={granted}")
-        }
+        Message::PreVoteReply {
+            term,
+            granted,
+            leader,
+        } => format!("PreVoteReply t{term} granted={granted} leader={leader:?}"),
         Message::Vote { term, position } => format!("Vote t{term} pos{position:?}"),
         Message::VoteReply { term, granted } => format!("VoteReply t{term} granted={granted}"),
         Message::Heartbeat {
@@ -541,6 +570,7 @@ impl Sim {
                 }
                 Ok(())
             }
+            Event::Forged { to, payload } => self.deliver_forged(to, payload),
             Event::HealLink(a, b) => {
                 if self.cuts.remove(&(a, b)) {
                     trace!(self, "-- link n{a}-n{b} restored");
@@ -1030,6 +1060,16 @@ impl Sim {
     /// Merge a record received from a peer.
     fn merge(&mut self, i: usize, key: &str, record: &Record) -> Result<(), Failure> {
         let now = self.now;
+        if let (Record::Master(MaxReg(info)), Some(election)) =
+            (record, self.nodes[i].election.as_ref())
+        {
+            // As the runtime does: a lease record the election does not back is refused (an
+            // honest one comes again with anti-entropy once the election caught up).
+            if !election.vouches_for(info.epoch, &info.master) {
+                self.stats.refused_records += 1;
+                return Ok(());
+            }
+        }
         let node = &mut self.nodes[i];
         node.clock.observe(record.latest_hlc(), now);
         match node.state.apply(key, record) {
@@ -1129,6 +1169,7 @@ impl Sim {
                     self.nodes[i].paused_until = self.now + duration;
                 }
             }
+            80..=94 => self.forge(),
             70..=79 => {
                 self.drop_permille = self.rng.range((50, 200));
                 self.dup_permille = self.rng.range((0, 50));
@@ -1145,6 +1186,91 @@ impl Sim {
         }
         let next = self.rng.range((100, 2_500));
         self.schedule(next, Event::Fault);
+    }
+
+    /// The Byzantine peer sends one forged message to a node that has a voter configuration.
+    fn forge(&mut self) {
+        let targets: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].persisted.membership.all_voters().is_empty())
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let to = targets[self.rng.index(targets.len())];
+        let term = self.nodes[to].persisted.term;
+        let byz: NodeId = BYZANTINE.to_string();
+        let ids = |list: &[&NodeId]| list.iter().map(|id| (*id).clone()).collect();
+        let victim = self.nodes[to].id.clone();
+        let near = term + self.rng.range((1, 3));
+        let huge = (term, u64::MAX);
+        let message = |membership: Membership, term: u64| Message::Heartbeat {
+            term,
+            membership,
+            sent_at: 0,
+        };
+        let joint = |voters: BTreeSet<NodeId>| Membership {
+            term,
+            index: u64::MAX - 1,
+            voters,
+            joining: None,
+        };
+        let payload = match self.rng.below(10) {
+            0 => Payload::Election(message(joint(ids(&[&byz])), u64::MAX)),
+            1 => Payload::Election(message(joint(ids(&[&byz, &victim])), near)),
+            2 => Payload::Election(message(joint(BTreeSet::new()), near)),
+            3 => Payload::Election(Message::Vote {
+                term: near,
+                position: huge,
+            }),
+            4 => Payload::Election(Message::PreVote {
+                term: near,
+                position: huge,
+            }),
+            5 => Payload::Election(Message::HeartbeatAck {
+                term: u64::MAX,
+                sent_at: 0,
+                ok: true,
+                position: huge,
+            }),
+            6 => Payload::Election(Message::VoteReply {
+                term,
+                granted: true,
+            }),
+            7 => Payload::Election(Message::PreVoteReply {
+                term: near,
+                granted: false,
+                leader: Some(byz.clone()),
+            }),
+            8 => Payload::Delta("master".to_string(), Box::new(forged_lease(u64::MAX, &byz))),
+            _ => Payload::Delta("master".to_string(), Box::new(forged_lease(near, &byz))),
+        };
+        self.stats.forged += 1;
+        let delay = self.rng.range(DELAY_MS);
+        self.schedule(delay, Event::Forged { to, payload });
+    }
+
+    fn deliver_forged(&mut self, to: usize, payload: Payload) -> Result<(), Failure> {
+        if !self.nodes[to].up(self.now) {
+            return Ok(());
+        }
+        trace!(self, "{BYZANTINE} -> n{to}: {}", show_payload(&payload));
+        match payload {
+            Payload::Election(msg) => {
+                let now = self.now;
+                let actions = match self.nodes[to].election.as_mut() {
+                    Some(election) => election.step(&BYZANTINE.to_string(), msg, now),
+                    None => return Ok(()),
+                };
+                if !actions.is_empty() {
+                    return Err(self.fail(format!(
+                        "n{to} acted on a forged election message: {actions:?}"
+                    )));
+                }
+                Ok(())
+            }
+            Payload::Delta(key, record) => self.merge(to, &key, &record),
+            _ => Ok(()),
+        }
     }
 
     fn crash(&mut self, i: usize, down: u64) {
@@ -1225,6 +1351,12 @@ impl Sim {
             let Some(election) = node.election.as_ref() else {
                 return Err(self.fail(format!("n{i} is down after healing")));
             };
+            if election.term() >= MAX_TERM_LEAP {
+                return Err(self.fail(format!(
+                    "n{i} reached term {}: forged terms got in",
+                    election.term()
+                )));
+            }
             if election.leader() != Some(&self.nodes[master].id) {
                 return Err(self.fail(format!(
                     "n{i} believes the leader is {:?}, the master is n{master}",
@@ -1324,6 +1456,7 @@ fn three_nodes() {
     assert!(stats.crashes > 0 && stats.pauses > 0 && stats.splits > 0 && stats.link_cuts > 0);
     assert!(stats.voter_changes >= 200 && stats.leaders > 200);
     assert!(stats.anti_entropy_pages > 0 && stats.duplicated > 0);
+    assert!(stats.forged > 1_000 && stats.refused_records > 0);
 }
 
 #[test]
@@ -1332,6 +1465,7 @@ fn five_nodes() {
     assert!(stats.crashes > 0 && stats.pauses > 0 && stats.splits > 0 && stats.link_cuts > 0);
     assert!(stats.voter_changes >= 100 && stats.leaders > 100);
     assert!(stats.anti_entropy_pages > 0 && stats.duplicated > 0);
+    assert!(stats.forged > 500 && stats.refused_records > 0);
 }
 
 #[test]

@@ -12,9 +12,12 @@
 pub mod handle;
 pub mod jobs;
 mod liveness;
+mod network;
 pub mod runs;
 mod scheduler;
+mod status;
 mod sync;
+mod trust;
 pub mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,28 +32,24 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::net::{self, Client};
 use crate::proto::crdt::{Lww, MaxReg, NodeId, Stamp};
-use crate::proto::election::{Action, Election, HardState, Membership, Timing};
+use crate::proto::election::{Election, HardState, Membership, Timing};
 use crate::proto::hlc::HlcClock;
-use crate::proto::records::{
-    validate_tag, Key, MasterInfo, NodeAdmin, NodeInfo, Record, MAX_SLOTS,
-};
+use crate::proto::records::{Key, MasterInfo, NodeAdmin, NodeInfo, Record};
 use crate::proto::state::ReplicatedState;
 use crate::proto::voters::{desired_voters, Candidate};
 use crate::runner::{JobUpdate, RunHandle, RunnerConfig};
 use crate::store::{Store, StoreError};
 use crate::sysinfo::MachineInfo;
-use crate::ticket::{Ticket, MAX_TICKET_ADDRS};
-use crate::wire::{Gossip, Request, Response, MAX_RECORDS_PER_MESSAGE};
+use crate::wire::{Gossip, Response};
 
 pub use handle::{ApiRequest, MeshHandle};
 use liveness::Liveness;
 pub use runs::LogSource;
-use views::{ActionError, MemberCount, NodeAction, NodeView, StatusView};
+use views::ActionError;
 
 const ELECTION_META: &str = "election";
 const BOOTSTRAP_META: &str = "bootstrap_peers";
 const SETTINGS_META: &str = "own_settings";
-const HIGHEST_EPOCH_META: &str = "highest_epoch";
 const TICK: Duration = Duration::from_millis(50);
 const HEARTBEAT_EVERY_MS: u64 = 2_000;
 const RECORD_REFRESH_EVERY_MS: u64 = 15_000;
@@ -79,7 +78,7 @@ pub struct MeshConfig {
     /// Public mesh id.
     pub mesh_id: String,
     /// Mesh key (for tickets).
-    pub mesh_key: [u8; 32],
+    pub mesh_key: crate::datadir::MeshKey,
     /// Election timing.
     pub timing: Timing,
     /// Machine facts.
@@ -170,7 +169,6 @@ pub struct Mesh {
     next_voter_check: u64,
     next_schedule: u64,
     scheduler: scheduler::SchedulerState,
-    highest_epoch: u64,
     runs: HashMap<String, (u32, (u64, u64), RunHandle)>,
     rng: u64,
 }
@@ -260,7 +258,6 @@ impl Mesh {
                 s
             }
         };
-        let highest_epoch = store.get_meta::<u64>(HIGHEST_EPOCH_META)?.unwrap_or(0);
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>());
         let election = Election::new(
             id.clone(),
@@ -304,7 +301,6 @@ impl Mesh {
             next_voter_check: 0,
             next_schedule: 0,
             scheduler: scheduler::SchedulerState::default(),
-            highest_epoch,
             runs: HashMap::new(),
             rng: seed | 1,
         };
@@ -370,6 +366,7 @@ impl Mesh {
             self.publish_lease(now);
             if now >= self.next_voter_check {
                 self.next_voter_check = now + VOTER_CHECK_EVERY_MS;
+                self.refresh_learners();
                 self.manage_voters(now);
             }
             if now >= self.next_schedule {
@@ -458,39 +455,6 @@ impl Mesh {
             .collect()
     }
 
-    fn redial_known_peers(&mut self, now: u64) {
-        let mut targets: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
-        for addr in &self.bootstrap {
-            if let Some(peer) = peer_of(addr) {
-                targets.entry(peer).or_default().push(addr.clone());
-            }
-        }
-        for (_, record) in self.state.with_prefix("node/") {
-            if let Record::Node(info) = record {
-                if let Ok(peer) = PeerId::from_str(&info.value.id) {
-                    let addrs = info.value.addrs.iter().filter_map(|a| a.parse().ok());
-                    targets.entry(peer).or_default().extend(addrs);
-                }
-            }
-        }
-        for (peer, addrs) in targets {
-            if peer == self.peer_id
-                || self.connected.contains(&peer)
-                || addrs.is_empty()
-                || self.admin_flag(&peer.to_string(), |a| &a.removed)
-            {
-                continue;
-            }
-            let (due, backoff) = self.redial.get(&peer).copied().unwrap_or((0, 500));
-            if now < due {
-                continue;
-            }
-            self.redial
-                .insert(peer, (now + backoff, (backoff * 2).min(30_000)));
-            self.client.dial(Some(peer), addrs);
-        }
-    }
-
     // ---- local writes ---------------------------------------------------------------
 
     /// Persist, apply, then gossip a change made here. Nothing is applied in memory unless
@@ -562,6 +526,11 @@ impl Mesh {
         let now_unix = unix_ms();
         let mut changed: BTreeMap<String, Record> = BTreeMap::new();
         for (key, record) in records {
+            if let Err(e) = self.vouch(&record) {
+                Metrics::inc(&self.metrics.wire_dropped);
+                tracing::debug!("refused a record from a peer: {e}");
+                continue;
+            }
             let base = changed.get(&key).cloned();
             let result = match base {
                 // The same key twice in one batch: merge onto what this batch already has.
@@ -605,7 +574,7 @@ impl Mesh {
                     }
                 }
             }
-            Record::Master(master) => self.observe_epoch(master.0.epoch),
+            Record::Master(_) => {}
             Record::Job(job) => {
                 self.check_run(job);
                 // A new queued job or a freed slot: the master schedules right away.
@@ -615,16 +584,6 @@ impl Mesh {
                 }
             }
             Record::Node(_) => {}
-        }
-    }
-
-    /// Remember (durably) the highest lease epoch seen, for fencing assignments.
-    fn observe_epoch(&mut self, epoch: u64) {
-        if epoch > self.highest_epoch {
-            self.highest_epoch = epoch;
-            if let Err(e) = self.store.put_meta(HIGHEST_EPOCH_META, &epoch) {
-                tracing::error!("cannot persist the highest epoch: {e}");
-            }
         }
     }
 
@@ -639,184 +598,6 @@ impl Mesh {
         self.admin(id)
             .and_then(|a| field(a).as_ref())
             .is_some_and(|l| l.value)
-    }
-
-    // ---- network --------------------------------------------------------------------
-
-    fn on_net(&mut self, event: net::Event) {
-        let now = self.now();
-        match event {
-            net::Event::Listening(addr) => {
-                tracing::info!("listening on {addr}");
-                self.listen_addrs.push(addr);
-                self.own_record_dirty = true;
-            }
-            net::Event::Connected { peer, .. } => {
-                if self.admin_flag(&peer.to_string(), |a| &a.removed) {
-                    tracing::info!("refusing removed node {peer}");
-                    self.client.disconnect(peer);
-                    return;
-                }
-                self.connected.insert(peer);
-                self.redial.remove(&peer);
-                self.liveness.heard(&peer.to_string(), now);
-                self.start_sync(peer);
-            }
-            net::Event::Disconnected(peer) => {
-                self.connected.remove(&peer);
-                self.sync_sessions.remove(&peer);
-            }
-            net::Event::PeerAddrs { .. } => {}
-            net::Event::Gossip { source, data } => self.on_gossip(source, &data, now),
-            net::Event::Request {
-                peer,
-                request,
-                channel,
-            } => {
-                let response = self.on_request(peer, request, now);
-                self.client.respond(channel, response);
-            }
-        }
-    }
-
-    fn on_gossip(&mut self, source: PeerId, data: &[u8], now: u64) {
-        if self.admin_flag(&source.to_string(), |a| &a.removed) {
-            Metrics::inc(&self.metrics.gossip_dropped);
-            return;
-        }
-        let gossip = match Gossip::decode(data) {
-            Ok(g) => g,
-            Err(e) => {
-                Metrics::inc(&self.metrics.gossip_dropped);
-                tracing::debug!("dropped gossip from {source}: {e}");
-                return;
-            }
-        };
-        Metrics::inc(&self.metrics.gossip_in);
-        match gossip {
-            Gossip::Heartbeat { node, .. } => {
-                if node == source.to_string() {
-                    self.liveness.heard(&node, now);
-                } else {
-                    Metrics::inc(&self.metrics.gossip_dropped);
-                }
-            }
-            Gossip::Delta(records) => {
-                self.liveness.heard(&source.to_string(), now);
-                self.apply_remote(records);
-            }
-        }
-    }
-
-    fn on_request(&mut self, peer: PeerId, request: Request, now: u64) -> Response {
-        if self.admin_flag(&peer.to_string(), |a| &a.removed) {
-            return Response::Refused("this node was removed from the mesh".into());
-        }
-        if let Err(e) = request.check() {
-            Metrics::inc(&self.metrics.wire_dropped);
-            return Response::Refused(e);
-        }
-        self.liveness.heard(&peer.to_string(), now);
-        match request {
-            Request::Election(msg) => {
-                let from = peer.to_string();
-                let actions = self.election.step(&from, msg, now);
-                let (replies, rest): (Vec<Action>, Vec<Action>) = actions
-                    .into_iter()
-                    .partition(|a| matches!(a, Action::Send { to, .. } if to == &from));
-                // Persist first: a vote must be durable before the candidate learns of it.
-                self.execute(rest);
-                let replies = replies
-                    .into_iter()
-                    .filter_map(|a| match a {
-                        Action::Send { msg, .. } => Some(msg),
-                        Action::Persist(_) => None,
-                    })
-                    .collect();
-                Response::Election(replies)
-            }
-            Request::SyncBuckets(theirs) => {
-                Response::SyncDiffering(self.state.differing_buckets(&theirs))
-            }
-            Request::SyncDigests { buckets, entries } => {
-                let r = self
-                    .state
-                    .reconcile(&buckets, &entries, MAX_RECORDS_PER_MESSAGE);
-                Response::SyncRecords {
-                    records: r.records,
-                    want: r.want,
-                    more: r.more,
-                }
-            }
-            Request::Assign(record) => self.accept_assignment(&record),
-            Request::Log { job, offset } => self.serve_log(&job, offset),
-            Request::StoreLog { job, offset, data } => self.store_log(&job, offset, &data),
-            Request::SyncPush(records) => {
-                let changed = self.apply_remote(records);
-                self.metrics
-                    .anti_entropy_records_received
-                    .fetch_add(changed as u64, std::sync::atomic::Ordering::Relaxed);
-                Response::Ack
-            }
-        }
-    }
-
-    /// Send a request and route its answer back into this task.
-    fn send(&self, peer: PeerId, request: Request, purpose: Purpose) {
-        let rx = self.client.request(peer, request);
-        let inputs = self.inputs_tx.clone();
-        tokio::spawn(async move {
-            let result = rx.await.unwrap_or_else(|_| Err("network stopped".into()));
-            let _ = inputs.send(Input::RpcDone {
-                peer,
-                purpose,
-                result,
-            });
-        });
-    }
-
-    fn execute(&mut self, actions: Vec<Action>) {
-        for action in actions {
-            match action {
-                Action::Persist(hard) => {
-                    if let Err(e) = self.store.put_meta(ELECTION_META, &hard) {
-                        // Never act on a vote or term we could not persist.
-                        tracing::error!("cannot persist election state: {e}; stopping");
-                        std::process::exit(70);
-                    }
-                }
-                Action::Send { to, msg } => match PeerId::from_str(&to) {
-                    Ok(peer) => self.send(peer, Request::Election(msg), Purpose::Election),
-                    Err(_) => tracing::warn!("election message for invalid peer id {to}"),
-                },
-            }
-        }
-    }
-
-    fn on_rpc_done(&mut self, peer: PeerId, purpose: Purpose, result: Result<Response, String>) {
-        match (purpose, result) {
-            (purpose @ Purpose::Assign { .. }, result) => {
-                self.on_assign_answer(peer, purpose, result)
-            }
-            (Purpose::Election, Ok(Response::Election(replies))) => {
-                if replies.len() > 8 {
-                    Metrics::inc(&self.metrics.wire_dropped);
-                    return;
-                }
-                let from = peer.to_string();
-                for msg in replies {
-                    let now = self.now();
-                    let actions = self.election.step(&from, msg, now);
-                    self.execute(actions);
-                }
-            }
-            (Purpose::Election | Purpose::SyncPush, _) => {}
-            (_, Err(e)) => {
-                tracing::debug!("anti-entropy with {peer} failed: {e}");
-                self.sync_sessions.remove(&peer);
-            }
-            (_, Ok(response)) => self.on_sync_response(peer, response),
-        }
     }
 
     // ---- API ------------------------------------------------------------------------
@@ -854,293 +635,6 @@ impl Mesh {
             ApiRequest::JobAction { id, action, reply } => {
                 let _ = reply.send(self.job_action(&id, action));
             }
-        }
-    }
-
-    fn ticket(&self) -> Ticket {
-        let now = self.now();
-        let mut addrs: Vec<Multiaddr> = self
-            .listen_addrs
-            .iter()
-            .map(|a| with_peer(a, self.peer_id))
-            .collect();
-        for (_, record) in self.state.with_prefix("node/") {
-            if let Record::Node(info) = record {
-                let info = &info.value;
-                if info.id == self.id || !self.liveness.is_online(&info.id, now) {
-                    continue;
-                }
-                if let Ok(peer) = PeerId::from_str(&info.id) {
-                    let theirs = info
-                        .addrs
-                        .iter()
-                        .filter_map(|a| a.parse::<Multiaddr>().ok());
-                    addrs.extend(theirs.take(2).map(|a| with_peer(&a, peer)));
-                }
-            }
-        }
-        addrs.truncate(MAX_TICKET_ADDRS);
-        Ticket {
-            mesh_key: self.config.mesh_key,
-            addrs,
-        }
-    }
-
-    fn master_record(&self) -> Option<&MasterInfo> {
-        match self.state.get("master") {
-            Some(Record::Master(m)) => Some(&m.0),
-            _ => None,
-        }
-    }
-
-    /// The voters as the newest lease record says (every node has it), or as our own
-    /// configuration says when that is newer or no record exists yet.
-    fn displayed_voters(&self) -> BTreeSet<NodeId> {
-        match self.master_record() {
-            Some(r) if r.epoch >= self.election.term() => r.voters.clone(),
-            _ => self.election.membership().all_voters(),
-        }
-    }
-
-    fn status_view(&self) -> StatusView {
-        let now = self.now();
-        let is_master = self.election.is_master(now);
-        let record = self.master_record();
-        let (master, since) = if is_master {
-            (
-                Some(self.id.clone()),
-                record.filter(|r| r.master == self.id).map(|r| r.since_ms),
-            )
-        } else {
-            // Another node's claim, as long as it is alive; never our own lapsed lease.
-            match (self.election.leader(), record) {
-                (Some(leader), _) if leader != &self.id && self.liveness.is_online(leader, now) => {
-                    let since = record.filter(|r| &r.master == leader).map(|r| r.since_ms);
-                    (Some(leader.clone()), since)
-                }
-                (_, Some(r)) if r.master != self.id && self.liveness.is_online(&r.master, now) => {
-                    (Some(r.master.clone()), Some(r.since_ms))
-                }
-                _ => (None, None),
-            }
-        };
-        let epoch = self.election.term().max(record.map_or(0, |r| r.epoch));
-        let nodes = self.node_views();
-        let members = MemberCount {
-            online: nodes.iter().filter(|n| n.online && !n.removed).count(),
-            total: nodes.iter().filter(|n| !n.removed).count(),
-        };
-        let master_name = master
-            .as_ref()
-            .and_then(|m| nodes.iter().find(|n| &n.id == m))
-            .map(|n| n.name.clone());
-        let voters = self.displayed_voters().into_iter().collect();
-        StatusView {
-            node_id: self.id.clone(),
-            name: self.config.name.clone(),
-            mesh_id: self.config.mesh_id.clone(),
-            master,
-            master_name,
-            master_since_ms: since,
-            epoch,
-            is_master,
-            voters,
-            members,
-            peers_connected: self.connected.len(),
-            listen_addrs: self
-                .listen_addrs
-                .iter()
-                .map(|a| with_peer(a, self.peer_id).to_string())
-                .collect(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }
-    }
-
-    fn node_views(&self) -> Vec<NodeView> {
-        let now = self.now();
-        let master = self.status_master_id(now);
-        let voters = self.displayed_voters();
-        let mut views: Vec<NodeView> = self
-            .state
-            .with_prefix("node/")
-            .filter_map(|(_, r)| match r {
-                Record::Node(info) => {
-                    Some(self.node_view(&info.value, now, master.as_ref(), &voters))
-                }
-                _ => None,
-            })
-            .collect();
-        views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        views
-    }
-
-    fn status_master_id(&self, now: u64) -> Option<NodeId> {
-        if self.election.is_master(now) {
-            return Some(self.id.clone());
-        }
-        self.master_record()
-            .filter(|r| r.master != self.id && self.liveness.is_online(&r.master, now))
-            .map(|r| r.master.clone())
-    }
-
-    fn node_view(
-        &self,
-        info: &NodeInfo,
-        now: u64,
-        master: Option<&NodeId>,
-        voters: &BTreeSet<NodeId>,
-    ) -> NodeView {
-        let admin = self.admin(&info.id);
-        let tags = match admin.and_then(|a| a.tags.as_ref()) {
-            Some(t) if t.stamp > info.settings_stamp => t.value.clone(),
-            _ => info.tags.clone(),
-        };
-        let slots = match admin.and_then(|a| a.slots.as_ref()) {
-            Some(s) if s.stamp > info.settings_stamp => s.value,
-            _ => info.slots,
-        };
-        let removed = self.admin_flag(&info.id, |a| &a.removed);
-        let draining = self.admin_flag(&info.id, |a| &a.draining);
-        let online = !removed && (info.id == self.id || self.liveness.is_online(&info.id, now));
-        let state = match (removed, online, draining) {
-            (true, _, _) => "removed",
-            (_, false, _) => "offline",
-            (_, true, true) => "draining",
-            _ => "online",
-        };
-        let last_seen_ms = if info.id == self.id {
-            unix_ms()
-        } else {
-            self.liveness
-                .last_heard_unix(&info.id, now, unix_ms())
-                .unwrap_or(info.heartbeat_ms)
-        };
-        NodeView {
-            id: info.id.clone(),
-            name: info.name.clone(),
-            tags,
-            slots,
-            online,
-            draining,
-            removed,
-            state,
-            master_eligible: info.master_eligible,
-            is_master: master == Some(&info.id),
-            is_voter: voters.contains(&info.id),
-            os: info.os.clone(),
-            arch: info.arch.clone(),
-            cpus: info.cpus,
-            memory_bytes: info.memory_bytes,
-            gpus: info.gpus.clone(),
-            version: info.version.clone(),
-            addrs: info.addrs.clone(),
-            api_url: info.api_url.clone(),
-            started_at_ms: info.started_at_ms,
-            last_seen_ms,
-            agents: info.agents.clone(),
-            local_repos: info.local_repos,
-        }
-    }
-
-    /// The name of node `id`, if its record is known.
-    fn node_name(&self, id: &str) -> Option<String> {
-        match self.state.get(&Key::Node(id.to_string()).encode()) {
-            Some(Record::Node(info)) => Some(info.value.name.clone()),
-            _ => None,
-        }
-    }
-
-    fn resolve_node(&self, target: &str) -> Result<NodeId, ActionError> {
-        let mut by_name = Vec::new();
-        for (_, record) in self.state.with_prefix("node/") {
-            if let Record::Node(info) = record {
-                if info.value.id == target {
-                    return Ok(info.value.id.clone());
-                }
-                if info.value.name == target {
-                    by_name.push(info.value.id.clone());
-                }
-            }
-        }
-        match by_name.len() {
-            1 => Ok(by_name.remove(0)),
-            0 => Err(ActionError::NotFound(target.to_string())),
-            _ => Err(ActionError::Invalid(format!(
-                "several nodes are named {target:?}; use the node id"
-            ))),
-        }
-    }
-
-    fn node_action(&mut self, target: &str, action: NodeAction) -> Result<NodeView, ActionError> {
-        let id = self.resolve_node(target)?;
-        let stamp = self.stamp();
-        let flag = |v: bool| Some(Lww::new(stamp.clone(), v));
-        let admin = match action {
-            NodeAction::Drain => NodeAdmin {
-                draining: flag(true),
-                ..NodeAdmin::default()
-            },
-            NodeAction::Undrain => NodeAdmin {
-                draining: flag(false),
-                ..NodeAdmin::default()
-            },
-            NodeAction::Remove => {
-                if id == self.id {
-                    return Err(ActionError::Invalid(
-                        "a node cannot remove itself; remove it from another node".into(),
-                    ));
-                }
-                NodeAdmin {
-                    removed: flag(true),
-                    ..NodeAdmin::default()
-                }
-            }
-            NodeAction::Admit => NodeAdmin {
-                removed: flag(false),
-                ..NodeAdmin::default()
-            },
-            NodeAction::Edit { tags, slots } => {
-                if tags.is_none() && slots.is_none() {
-                    return Err(ActionError::Invalid(
-                        "nothing to change: give tags and/or slots".into(),
-                    ));
-                }
-                if let Some(tags) = &tags {
-                    if tags.len() > 32 {
-                        return Err(ActionError::Invalid("at most 32 tags".into()));
-                    }
-                    for tag in tags {
-                        validate_tag(tag).map_err(ActionError::Invalid)?;
-                    }
-                }
-                if slots.is_some_and(|s| s > MAX_SLOTS) {
-                    return Err(ActionError::Invalid(format!(
-                        "slots must be at most {MAX_SLOTS}"
-                    )));
-                }
-                NodeAdmin {
-                    tags: tags.map(|t| Lww::new(stamp.clone(), t)),
-                    slots: slots.map(|s| Lww::new(stamp.clone(), s)),
-                    ..NodeAdmin::default()
-                }
-            }
-        };
-        let key = Key::Admin(id.clone()).encode();
-        let record = Record::Admin(admin);
-        self.commit_local(key, record)?;
-        if let Ok(peer) = PeerId::from_str(&id) {
-            if !self.admin_flag(&id, |a| &a.removed) {
-                self.redial.remove(&peer);
-            }
-        }
-        let now = self.now();
-        let master = self.status_master_id(now);
-        let voters = self.displayed_voters();
-        match self.state.get(&Key::Node(id.clone()).encode()) {
-            Some(Record::Node(info)) => {
-                Ok(self.node_view(&info.value.clone(), now, master.as_ref(), &voters))
-            }
-            _ => Err(ActionError::NotFound(id)),
         }
     }
 }

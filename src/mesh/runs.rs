@@ -117,8 +117,11 @@ impl Mesh {
         Ok(LogSource::Remote(peers))
     }
 
-    /// Answer a peer's request for a log chunk.
+    /// Answer a peer's request for a log chunk (only of a job this node knows).
     pub(super) fn serve_log(&self, id: &str, offset: u64) -> Response {
+        if self.state.get(&Key::Job(id.to_string()).encode()).is_none() {
+            return Response::Refused(format!("unknown job {id}"));
+        }
         match logs::read_chunk(&self.log_file(id), offset, logs::CHUNK_BYTES) {
             Ok((data, size)) => Response::Log { data, size },
             Err(e) => Response::Refused(format!("no log of job {id} here: {e}")),

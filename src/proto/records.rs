@@ -152,7 +152,7 @@ impl Key {
         let key = match text.split_once('/') {
             Some(("node", id)) if valid_id(id) => Key::Node(id.to_string()),
             Some(("admin", id)) if valid_id(id) => Key::Admin(id.to_string()),
-            Some(("job", id)) if valid_id(id) => Key::Job(id.to_string()),
+            Some(("job", id)) if super::ids::is_ulid(id) => Key::Job(id.to_string()),
             None if text == "master" => Key::Master,
             _ => return Err(RecordError::BadKey(truncate(text))),
         };

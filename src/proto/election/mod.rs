@@ -11,183 +11,15 @@
 //!   `election_min_ms > lease_ms` after receiving it, so a new master cannot exist while an
 //!   old one still believes its lease (with clock rates bounded, monotonic time on both sides).
 
+mod types;
+
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
 use super::crdt::NodeId;
-
-/// Election timing in milliseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timing {
-    /// How often the leader sends heartbeats.
-    pub heartbeat_ms: u64,
-    /// How long a quorum acknowledgement keeps the leader's lease valid.
-    pub lease_ms: u64,
-    /// Shortest silence after which a voter campaigns; also how long a voter refuses to vote
-    /// after hearing from a leader.
-    pub election_min_ms: u64,
-    /// Longest randomised election timeout.
-    pub election_max_ms: u64,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            heartbeat_ms: 250,
-            lease_ms: 900,
-            election_min_ms: 1_200,
-            election_max_ms: 1_800,
-        }
-    }
-}
-
-/// Position of a membership configuration: (term that created it, index). Larger is newer.
-pub type Position = (u64, u64);
-
-/// The voter configuration. During a change (`joining` set) decisions need a quorum of both.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Membership {
-    /// Term of the leader that created this configuration.
-    pub term: u64,
-    /// Sequence number of this configuration.
-    pub index: u64,
-    /// Current voters.
-    pub voters: BTreeSet<NodeId>,
-    /// Voters being moved to (joint consensus), if a change is under way.
-    pub joining: Option<BTreeSet<NodeId>>,
-}
-
-impl Membership {
-    /// The configuration of a brand-new mesh whose only voter is `founder`.
-    pub fn founding(founder: &NodeId) -> Self {
-        Self {
-            term: 0,
-            index: 1,
-            voters: [founder.clone()].into_iter().collect(),
-            joining: None,
-        }
-    }
-
-    /// This configuration's position.
-    pub fn position(&self) -> Position {
-        (self.term, self.index)
-    }
-
-    /// Whether `id` votes in this configuration (old or new side).
-    pub fn is_voter(&self, id: &NodeId) -> bool {
-        self.voters.contains(id) || self.joining.as_ref().is_some_and(|j| j.contains(id))
-    }
-
-    /// Everyone who votes in this configuration.
-    pub fn all_voters(&self) -> BTreeSet<NodeId> {
-        let mut all = self.voters.clone();
-        if let Some(joining) = &self.joining {
-            all.extend(joining.iter().cloned());
-        }
-        all
-    }
-
-    /// Whether `granted` holds a majority of the voters (of both sides during a change).
-    pub fn is_quorum(&self, granted: &BTreeSet<NodeId>) -> bool {
-        let majority = |set: &BTreeSet<NodeId>| {
-            !set.is_empty() && set.intersection(granted).count() * 2 > set.len()
-        };
-        majority(&self.voters) && self.joining.as_ref().is_none_or(majority)
-    }
-}
-
-/// What must survive a restart.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HardState {
-    /// Current term (the lease epoch).
-    pub term: u64,
-    /// Whom we voted for in `term`.
-    pub voted_for: Option<NodeId>,
-    /// Latest voter configuration we know.
-    pub membership: Membership,
-}
-
-/// Election messages between peers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Message {
-    /// "Would you vote for me in `term`?" Changes no state at the receiver.
-    PreVote {
-        /// The term the sender would campaign in.
-        term: u64,
-        /// Sender's membership position.
-        position: Position,
-    },
-    /// Answer to a pre-vote.
-    PreVoteReply {
-        /// The term asked about, or the receiver's higher term when refused.
-        term: u64,
-        /// Whether the vote would be granted.
-        granted: bool,
-    },
-    /// Request a vote in `term`.
-    Vote {
-        /// Candidate's term.
-        term: u64,
-        /// Candidate's membership position.
-        position: Position,
-    },
-    /// Answer to a vote request.
-    VoteReply {
-        /// Receiver's term.
-        term: u64,
-        /// Whether the vote was granted.
-        granted: bool,
-    },
-    /// Leader heartbeat, carrying the voter configuration.
-    Heartbeat {
-        /// Leader's term.
-        term: u64,
-        /// Leader's configuration.
-        membership: Membership,
-        /// Leader's clock when sent (echoed back; meaningful only to the leader).
-        sent_at: u64,
-    },
-    /// Acknowledgement of a heartbeat.
-    HeartbeatAck {
-        /// Receiver's term.
-        term: u64,
-        /// The heartbeat's `sent_at`.
-        sent_at: u64,
-        /// Whether the heartbeat was accepted (false: stale term).
-        ok: bool,
-        /// Receiver's membership position after the heartbeat.
-        position: Position,
-    },
-}
-
-/// Something the runtime must do. Persist before sending messages from the same batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Write the hard state durably.
-    Persist(HardState),
-    /// Send a message to a peer.
-    Send {
-        /// Destination.
-        to: NodeId,
-        /// The message.
-        msg: Message,
-    },
-}
-
-/// Why a voter change was not started.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ChangeError {
-    /// Only a leader with a valid lease changes voters.
-    #[error("not the master")]
-    NotMaster,
-    /// One change at a time.
-    #[error("a voter change is already under way")]
-    Busy,
-    /// The new set must include the leader and not be empty.
-    #[error("the new voter set must contain the master")]
-    Invalid,
-}
+pub use types::{
+    Action, ChangeError, HardState, Membership, Message, Position, Refusal, Timing,
+    LEARNER_HEARTBEAT_MS, MAX_ID_LEN, MAX_TERM_LEAP, MAX_VOTERS,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Role {
@@ -205,6 +37,8 @@ struct LeaderState {
     acked: BTreeMap<NodeId, u64>,
     /// Per peer: membership position acknowledged.
     positions: BTreeMap<NodeId, Position>,
+    /// When the learners are told about us next.
+    next_learner_heartbeat: u64,
 }
 
 /// One node's election state machine.
@@ -219,6 +53,12 @@ pub struct Election {
     leader_contact: u64,
     election_deadline: u64,
     eligible: bool,
+    /// Members that do not vote but learn the leader and term from its heartbeats, so that
+    /// they can check assignments and lease records against the election.
+    learners: BTreeSet<NodeId>,
+    /// A leader that a voter of our configuration named (term, id): its heartbeats are
+    /// admitted although it may not vote in our (possibly outdated) configuration.
+    vouched: Option<(u64, NodeId)>,
     rng: u64,
 }
 
@@ -242,6 +82,8 @@ impl Election {
             leader_contact: now,
             election_deadline: now,
             eligible,
+            learners: BTreeSet::new(),
+            vouched: None,
             rng: seed | 1,
         };
         election.election_deadline = if election.sole_voter() {
@@ -288,6 +130,61 @@ impl Election {
             Role::Leader(l) => Some(l.since),
             _ => None,
         }
+    }
+
+    /// Set the non-voting members the leader keeps informed (voters among them are ignored).
+    pub fn set_learners(&mut self, mut learners: BTreeSet<NodeId>) {
+        learners.remove(&self.id);
+        let newcomer = learners.iter().any(|l| !self.learners.contains(l));
+        self.learners = learners;
+        if let (true, Role::Leader(l)) = (newcomer, &mut self.role) {
+            // A member that just connected hears who leads before any voter change names it.
+            l.next_learner_heartbeat = 0;
+            l.next_heartbeat = 0;
+        }
+    }
+
+    /// Whether a message from `from` may enter the election at all. The term must be
+    /// within [`MAX_TERM_LEAP`] of ours and leave room for the next one, a heartbeat's
+    /// configuration must be well-formed, and the sender must vote in our configuration, with
+    /// exceptions: a node that has no configuration yet takes part as a new voter would and
+    /// takes its first configuration from a heartbeat (trust on first use); and heartbeats of
+    /// a leader that a voter of our configuration named in a refused pre-vote are admitted (a
+    /// voter that missed voter changes catches up through a voter it trusts).
+    pub fn admits(&self, from: &NodeId, msg: &Message) -> Result<(), Refusal> {
+        let term = msg.term();
+        if term == u64::MAX || term > self.hard.term.saturating_add(MAX_TERM_LEAP) {
+            return Err(Refusal::TermOutOfRange(term));
+        }
+        if let Message::Heartbeat { membership, .. } = msg {
+            membership.check()?;
+            if membership.term > term {
+                return Err(Refusal::BadMembership("made in a later term"));
+            }
+        }
+        let unconfigured = self.hard.membership.all_voters().is_empty();
+        if unconfigured || self.hard.membership.is_voter(from) {
+            return Ok(());
+        }
+        let vouched = matches!(msg, Message::Heartbeat { .. })
+            && self
+                .vouched
+                .as_ref()
+                .is_some_and(|(t, leader)| leader == from && term >= *t);
+        if vouched {
+            Ok(())
+        } else {
+            Err(Refusal::NotAVoter(from.clone()))
+        }
+    }
+
+    /// Whether the election backs a claim that `master` holds the lease of `epoch`: the epoch
+    /// is one this node's election has reached, and if it is the current term, its leader (when
+    /// known) is `master`. Epochs nobody granted are refused, so a forged record cannot fence
+    /// out the real master.
+    pub fn vouches_for(&self, epoch: u64, master: &NodeId) -> bool {
+        epoch < self.hard.term
+            || (epoch == self.hard.term && self.leader.as_ref().is_none_or(|l| l == master))
     }
 
     /// Whether this node may act as master at `now`: it leads and a quorum acknowledged one of
@@ -398,6 +295,9 @@ impl Election {
 
     fn start_pre_vote(&mut self, now: u64, out: &mut Vec<Action>) {
         self.election_deadline = now + self.random_timeout();
+        let Some(next_term) = self.hard.term.checked_add(1) else {
+            return; // no term left to campaign in
+        };
         let granted: BTreeSet<NodeId> = [self.id.clone()].into_iter().collect();
         if self.hard.membership.is_quorum(&granted) {
             self.start_election(now, out);
@@ -406,7 +306,7 @@ impl Election {
         self.role = Role::PreCandidate { granted };
         self.broadcast(
             Message::PreVote {
-                term: self.hard.term + 1,
+                term: next_term,
                 position: self.hard.membership.position(),
             },
             out,
@@ -414,7 +314,10 @@ impl Election {
     }
 
     fn start_election(&mut self, now: u64, out: &mut Vec<Action>) {
-        self.hard.term += 1;
+        let Some(next_term) = self.hard.term.checked_add(1) else {
+            return;
+        };
+        self.hard.term = next_term;
         self.hard.voted_for = Some(self.id.clone());
         self.leader = None;
         self.election_deadline = now + self.random_timeout();
@@ -441,6 +344,7 @@ impl Election {
             next_heartbeat: now,
             acked: BTreeMap::new(),
             positions: BTreeMap::new(),
+            next_learner_heartbeat: now,
         });
         self.send_heartbeats(now, out);
     }
@@ -461,22 +365,37 @@ impl Election {
     }
 
     fn send_heartbeats(&mut self, now: u64, out: &mut Vec<Action>) {
+        let mut tell_learners = false;
         if let Role::Leader(l) = &mut self.role {
             l.next_heartbeat = now + self.timing.heartbeat_ms;
+            if now >= l.next_learner_heartbeat {
+                l.next_learner_heartbeat = now + LEARNER_HEARTBEAT_MS;
+                tell_learners = true;
+            }
         }
-        self.broadcast(
-            Message::Heartbeat {
-                term: self.hard.term,
-                membership: self.hard.membership.clone(),
-                sent_at: now,
-            },
-            out,
-        );
+        let heartbeat = Message::Heartbeat {
+            term: self.hard.term,
+            membership: self.hard.membership.clone(),
+            sent_at: now,
+        };
+        if tell_learners {
+            let voters = self.hard.membership.all_voters();
+            for to in self.learners.iter().filter(|l| !voters.contains(*l)) {
+                out.push(Action::Send {
+                    to: to.clone(),
+                    msg: heartbeat.clone(),
+                });
+            }
+        }
+        self.broadcast(heartbeat, out);
     }
 
-    /// Handle a message from `from`.
+    /// Handle a message from `from`. Messages [`Election::admits`] refuses change nothing.
     pub fn step(&mut self, from: &NodeId, msg: Message, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        if self.admits(from, &msg).is_err() {
+            return out;
+        }
         let reply = |msg: Message, out: &mut Vec<Action>| {
             out.push(Action::Send {
                 to: from.clone(),
@@ -490,18 +409,37 @@ impl Election {
                 // pre-candidate adopt it, raising terms without an election, which is what
                 // pre-vote is there to prevent.
                 let term = if granted { term } else { self.hard.term };
-                reply(Message::PreVoteReply { term, granted }, &mut out);
+                let leader = if granted {
+                    None
+                } else {
+                    self.leader.clone().filter(|l| l != from)
+                };
+                reply(
+                    Message::PreVoteReply {
+                        term,
+                        granted,
+                        leader,
+                    },
+                    &mut out,
+                );
                 if self.should_step_in(from, position) {
                     self.start_pre_vote(now, &mut out);
                 }
             }
-            Message::PreVoteReply { term, granted } => {
+            Message::PreVoteReply {
+                term,
+                granted,
+                leader,
+            } => {
                 if !granted {
                     if term > self.hard.term && !self.is_leader() {
                         self.adopt_term(term, now, &mut out);
                     }
+                    if let Some(leader) = leader.filter(|_| term >= self.hard.term) {
+                        self.vouched = Some((term, leader));
+                    }
                 } else if let Role::PreCandidate { granted: votes } = &mut self.role {
-                    if term == self.hard.term + 1 {
+                    if Some(term) == self.hard.term.checked_add(1) {
                         votes.insert(from.clone());
                         if self.hard.membership.is_quorum(votes) {
                             self.start_election(now, &mut out);
@@ -572,15 +510,18 @@ impl Election {
                         self.hard.membership = membership;
                         out.push(Action::Persist(self.hard.clone()));
                     }
-                    reply(
-                        Message::HeartbeatAck {
-                            term,
-                            sent_at,
-                            ok: true,
-                            position: self.hard.membership.position(),
-                        },
-                        &mut out,
-                    );
+                    // Learners only listen: their acknowledgements count for nothing.
+                    if self.hard.membership.is_voter(&self.id) {
+                        reply(
+                            Message::HeartbeatAck {
+                                term,
+                                sent_at,
+                                ok: true,
+                                position: self.hard.membership.position(),
+                            },
+                            &mut out,
+                        );
+                    }
                 }
             }
             Message::HeartbeatAck {
@@ -627,10 +568,13 @@ impl Election {
         if !self.committed(m.position()) {
             return;
         }
+        let Some(index) = m.index.checked_add(1) else {
+            return;
+        };
         let leaving: Vec<NodeId> = m.voters.difference(&joining).cloned().collect();
         self.hard.membership = Membership {
             term: self.hard.term,
-            index: m.index + 1,
+            index,
             voters: joining,
             joining: None,
         };
@@ -676,9 +620,10 @@ impl Election {
             return Ok(Vec::new());
         }
         let m = &self.hard.membership;
+        let index = m.index.checked_add(1).ok_or(ChangeError::Exhausted)?;
         self.hard.membership = Membership {
             term: self.hard.term,
-            index: m.index + 1,
+            index,
             voters: m.voters.clone(),
             joining: Some(voters),
         };
@@ -691,295 +636,4 @@ impl Election {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ids(list: &[&str]) -> BTreeSet<NodeId> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn membership(list: &[&str]) -> Membership {
-        Membership {
-            term: 0,
-            index: 1,
-            voters: ids(list),
-            joining: None,
-        }
-    }
-
-    fn node(id: &str, voters: &[&str], now: u64) -> Election {
-        let hard = HardState {
-            membership: membership(voters),
-            ..HardState::default()
-        };
-        Election::new(id.into(), hard, Timing::default(), true, now, 7)
-    }
-
-    #[test]
-    fn quorum_needs_a_majority_of_both_sides_during_a_change() {
-        let mut m = membership(&["a", "b", "c"]);
-        m.joining = Some(ids(&["c", "d", "e"]));
-        assert!(!m.is_quorum(&ids(&["a", "b"])));
-        assert!(!m.is_quorum(&ids(&["d", "e"])));
-        assert!(m.is_quorum(&ids(&["a", "c", "d"])));
-        assert!(!Membership::default().is_quorum(&ids(&["a"])));
-    }
-
-    #[test]
-    fn a_sole_voter_is_master_at_once() {
-        let mut e = Election::new(
-            "a".into(),
-            HardState {
-                membership: Membership::founding(&"a".into()),
-                ..HardState::default()
-            },
-            Timing::default(),
-            true,
-            0,
-            1,
-        );
-        let actions = e.tick(0);
-        assert!(e.is_master(0));
-        assert_eq!(e.term(), 1);
-        assert!(matches!(actions[0], Action::Persist(_)));
-    }
-
-    #[test]
-    fn a_worker_only_node_never_campaigns() {
-        let hard = HardState {
-            membership: membership(&["w"]),
-            ..HardState::default()
-        };
-        let mut e = Election::new("w".into(), hard, Timing::default(), false, 0, 1);
-        assert!(e.tick(100_000).is_empty());
-        assert!(!e.is_leader());
-    }
-
-    #[test]
-    fn a_voter_that_just_heard_the_leader_refuses_votes_and_keeps_its_term() {
-        let mut b = node("b", &["a", "b", "c"], 0);
-        b.step(
-            &"a".into(),
-            Message::Heartbeat {
-                term: 1,
-                membership: membership(&["a", "b", "c"]),
-                sent_at: 10,
-            },
-            10,
-        );
-        let out = b.step(
-            &"c".into(),
-            Message::Vote {
-                term: 5,
-                position: (0, 1),
-            },
-            20,
-        );
-        assert_eq!(b.term(), 1);
-        assert!(out.contains(&Action::Send {
-            to: "c".into(),
-            msg: Message::VoteReply {
-                term: 1,
-                granted: false
-            }
-        }));
-    }
-
-    #[test]
-    fn the_lease_lapses_without_fresh_acknowledgements() {
-        let t = Timing::default();
-        let mut a = node("a", &["a", "b", "c"], 0);
-        let mut now = t.election_max_ms + 1;
-        // Campaign: pre-vote, then vote, answered by b.
-        a.tick(now);
-        a.step(
-            &"b".into(),
-            Message::PreVoteReply {
-                term: 1,
-                granted: true,
-            },
-            now,
-        );
-        a.step(
-            &"b".into(),
-            Message::VoteReply {
-                term: 1,
-                granted: true,
-            },
-            now,
-        );
-        assert!(a.is_leader());
-        assert!(!a.is_master(now), "no heartbeat acknowledged yet");
-        a.step(
-            &"b".into(),
-            Message::HeartbeatAck {
-                term: 1,
-                sent_at: now,
-                ok: true,
-                position: (0, 1),
-            },
-            now + 2,
-        );
-        assert!(a.is_master(now + 2));
-        now += t.lease_ms + 1;
-        assert!(!a.is_master(now));
-    }
-
-    #[test]
-    fn a_delayed_heartbeat_does_not_roll_back_a_configuration_of_the_same_term() {
-        let mut b = node("b", &["a", "b", "c"], 0);
-        let heartbeat = |membership: Membership, sent_at: u64| Message::Heartbeat {
-            term: 1,
-            membership,
-            sent_at,
-        };
-        let old = membership(&["a", "b", "c"]);
-        let joint = Membership {
-            term: 1,
-            index: 2,
-            voters: ids(&["a", "b", "c"]),
-            joining: Some(ids(&["a", "b"])),
-        };
-        let new = Membership {
-            term: 1,
-            index: 3,
-            voters: ids(&["a", "b"]),
-            joining: None,
-        };
-        b.step(&"a".into(), heartbeat(joint, 20), 30);
-        b.step(&"a".into(), heartbeat(new.clone(), 40), 50);
-        // The heartbeat sent before the change arrives last.
-        let out = b.step(&"a".into(), heartbeat(old.clone(), 10), 60);
-        assert_eq!(b.membership(), &new);
-        assert!(!out.iter().any(|a| matches!(a, Action::Persist(_))));
-        assert!(out.contains(&Action::Send {
-            to: "a".into(),
-            msg: Message::HeartbeatAck {
-                term: 1,
-                sent_at: 10,
-                ok: true,
-                position: (1, 3),
-            },
-        }));
-        // A leader of a later term still imposes its configuration.
-        b.step(
-            &"c".into(),
-            Message::Heartbeat {
-                term: 2,
-                membership: old.clone(),
-                sent_at: 70,
-            },
-            80,
-        );
-        assert_eq!(b.membership(), &old);
-    }
-
-    #[test]
-    fn a_refused_pre_vote_does_not_raise_the_candidates_term() {
-        let t = Timing::default();
-        let voters = ["a", "b", "c"];
-        let heartbeat = Message::Heartbeat {
-            term: 1,
-            membership: membership(&voters),
-            sent_at: 10,
-        };
-        let mut b = node("b", &voters, 0);
-        let mut c = node("c", &voters, 0);
-        c.step(&"a".into(), heartbeat.clone(), 10);
-        // c loses the leader and asks b, which still hears from it.
-        let now = 10 + t.election_max_ms + 1;
-        b.step(&"a".into(), heartbeat, now - 100);
-        let asked = c.tick(now);
-        assert!(asked.contains(&Action::Send {
-            to: "b".into(),
-            msg: Message::PreVote {
-                term: 2,
-                position: (0, 1)
-            }
-        }));
-        let refusal = Message::PreVoteReply {
-            term: 1,
-            granted: false,
-        };
-        let out = b.step(
-            &"c".into(),
-            Message::PreVote {
-                term: 2,
-                position: (0, 1),
-            },
-            now,
-        );
-        assert_eq!(
-            out,
-            vec![Action::Send {
-                to: "c".into(),
-                msg: refusal.clone()
-            }]
-        );
-        assert!(c.step(&"b".into(), refusal, now).is_empty());
-        assert_eq!(c.term(), 1);
-    }
-
-    /// Deliver `actions` of `from` and everything they cause, at once, between `nodes`.
-    fn deliver(nodes: &mut BTreeMap<NodeId, Election>, from: &str, actions: Vec<Action>, now: u64) {
-        let mut queue: Vec<(NodeId, NodeId, Message)> = Vec::new();
-        let sends =
-            |from: &str, actions: Vec<Action>, queue: &mut Vec<(NodeId, NodeId, Message)>| {
-                for action in actions {
-                    if let Action::Send { to, msg } = action {
-                        queue.push((from.to_string(), to, msg));
-                    }
-                }
-            };
-        sends(from, actions, &mut queue);
-        while !queue.is_empty() {
-            let (from, to, msg) = queue.remove(0);
-            if let Some(node) = nodes.get_mut(&to) {
-                let out = node.step(&from, msg, now);
-                sends(&to, out, &mut queue);
-            }
-        }
-    }
-
-    #[test]
-    fn a_voter_that_missed_the_end_of_a_change_is_brought_up_to_date() {
-        // b, leader of term 2, began moving the voters from {a, b, c} to {b}. c won term 3,
-        // finished the change and lost its lease; b was down then and restarted holding the
-        // joint configuration, which a and c refuse as out of date.
-        let joint = Membership {
-            term: 2,
-            index: 4,
-            voters: ids(&["a", "b", "c"]),
-            joining: Some(ids(&["b"])),
-        };
-        let done = Membership {
-            term: 3,
-            index: 5,
-            voters: ids(&["b"]),
-            joining: None,
-        };
-        let mut nodes = BTreeMap::new();
-        for (id, membership, seed) in [("a", &done, 3), ("b", &joint, 5), ("c", &done, 9)] {
-            let hard = HardState {
-                term: 3,
-                voted_for: Some("c".into()),
-                membership: membership.clone(),
-            };
-            let election = Election::new(id.into(), hard, Timing::default(), true, 0, seed);
-            nodes.insert(id.to_string(), election);
-        }
-        let mut now = 0;
-        while now < 20_000 && !nodes.values().any(|e| e.is_master(now)) {
-            now += 50;
-            for id in ["a", "b", "c"] {
-                let out = nodes.get_mut(id).map(|e| e.tick(now)).unwrap_or_default();
-                deliver(&mut nodes, id, out, now);
-            }
-        }
-        assert!(
-            nodes.values().any(|e| e.is_master(now)),
-            "no master after {now} ms"
-        );
-        assert!(nodes["b"].membership().position() >= done.position());
-    }
-}
+mod tests;
