@@ -216,7 +216,8 @@ impl Mesh {
             key: (epoch, seq),
         };
         if node == self.id {
-            let response = self.accept_assignment(&record);
+            let from = self.id.clone();
+            let response = self.accept_assignment(&record, &from);
             self.on_assign_answer(self.peer_id, purpose, Ok(response));
         } else {
             match node.parse::<PeerId>() {
@@ -312,21 +313,28 @@ impl Mesh {
         changed
     }
 
-    /// A worker's checks on an assignment: right node, current epoch, a free slot.
-    pub(super) fn accept_assignment(&mut self, record: &JobRecord) -> Response {
+    /// A worker's checks on an assignment: it comes from the master of the current term as
+    /// this node's election knows it (the fence: the term is persisted and only grows), it is
+    /// for this node, and a slot is free.
+    pub(super) fn accept_assignment(&mut self, record: &JobRecord, from: &NodeId) -> Response {
         let Some(assignment) = record.assignment.as_ref().map(|a| a.0.clone()) else {
             return Response::Refused("the assignment is missing".into());
         };
         if assignment.node != self.id {
             return Response::Refused("the job is assigned to another node".into());
         }
-        if assignment.epoch < self.highest_epoch {
+        let term = self.election.term();
+        if assignment.epoch != term {
             return Response::Refused(format!(
-                "stale epoch {} (this node has seen {})",
-                assignment.epoch, self.highest_epoch
+                "epoch {} is not the current term {term} of this node's election",
+                assignment.epoch
             ));
         }
-        self.observe_epoch(assignment.epoch);
+        if self.election.leader() != Some(from) {
+            return Response::Refused(format!(
+                "{from} is not the master of term {term} as this node knows it"
+            ));
+        }
         let key = Key::Job(record.spec.id.clone()).encode();
         self.apply_remote(vec![(key.clone(), Record::Job(Box::new(record.clone())))]);
         let slots = self
@@ -345,7 +353,7 @@ impl Mesh {
         if running >= slots {
             return Response::Refused(format!("all {slots} slots are busy"));
         }
-        if let Err(why) = self.config.runner.agents.check(&record.spec.agent) {
+        if let Err(why) = self.config.runner.check(&record.spec.agent) {
             return Response::Refused(why);
         }
         let current = self.state.get(&key).cloned();
