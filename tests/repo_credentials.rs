@@ -1,7 +1,8 @@
 //! Private repositories: the node's GitHub token reaches the server through git's credentials
 //! callback only (never in a URL that is stored), and a missing or refused token fails the job
-//! at once with the reason instead of hanging. The server is the real `git http-backend`
-//! behind HTTP Basic authentication, in the role of github.com.
+//! at once with the reason instead of hanging; and the token goes only to the `--github-url`
+//! host, never to another server a job names. The servers are the real `git http-backend`
+//! behind HTTP Basic authentication, one in the role of github.com.
 
 mod common;
 #[path = "support/git_server.rs"]
@@ -52,6 +53,8 @@ fn private_repositories_use_the_token_and_bad_credentials_fail_fast() {
             SHOW.to_string(),
             "--github-url".to_string(),
             base.clone(),
+            // Loopback test servers speak plain http.
+            "--allow-http-credentials".to_string(),
             "--workdir-root".to_string(),
             root,
         ];
@@ -132,4 +135,33 @@ fn private_repositories_use_the_token_and_bad_credentials_fail_fast() {
     // No token at all: failed with a reason that says what to configure.
     let (_, job) = run_on("n3");
     common::assert_ended(&job, "failed", "needs credentials and none are configured");
+
+    // Another server that asks for credentials: it never sees the token.
+    let other = git_server::HttpGitServer::start("the-other-servers-secret");
+    other.repo("acme/tool", &[("README", "elsewhere\n")]);
+    let url = format!("{}/acme/tool.git", other.base_url());
+    let id = submit_job(
+        n1,
+        json!({"prompt": "show", "agent": "show", "node": "n1", "repos": [url]}),
+    );
+    let job = wait_job(
+        n1,
+        &id,
+        "the job naming another server to end",
+        job_finished,
+    );
+    common::assert_ended(
+        &job,
+        "failed",
+        "sends its token only to the --github-url host",
+    );
+    assert!(
+        other.requests().iter().any(|(_, status)| *status == 401),
+        "the other server asked for credentials"
+    );
+    assert!(
+        other.refused_passwords().iter().all(|p| !p.contains(TOKEN)),
+        "the token went to another host: {:?}",
+        other.refused_passwords()
+    );
 }

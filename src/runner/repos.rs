@@ -15,7 +15,9 @@ use git2::{
 use crate::proto::jobs::{FileDiff, RepoDiff, RepoSpec};
 use crate::proto::repo_spec::{repo_kind, RepoKind};
 
+use super::credentials::CredentialPolicy;
 use super::spares::{self, SpareConfig};
+use crate::secret::Secret;
 
 /// How this node fetches repositories.
 #[derive(Clone, Debug)]
@@ -25,7 +27,9 @@ pub struct RepoConfig {
     /// Base URL for `owner/name` repositories.
     pub github_url: String,
     /// Token for https remotes (sent through the credentials callback only).
-    pub token: Option<String>,
+    pub token: Option<Secret<String>>,
+    /// Which servers may receive the token.
+    pub credentials: CredentialPolicy,
     /// Whether jobs may name local paths.
     pub allow_local: bool,
     /// Ready-made checkouts for the next job on a repository.
@@ -99,17 +103,24 @@ fn mirror_lock(path: &Path) -> Arc<Mutex<()>> {
     locks.entry(path.to_path_buf()).or_default().clone()
 }
 
-fn callbacks<'a>(token: Option<&'a str>, deadline: Instant) -> RemoteCallbacks<'a> {
+fn callbacks<'a>(config: &'a RepoConfig, deadline: Instant) -> RemoteCallbacks<'a> {
     let mut callbacks = RemoteCallbacks::new();
     let mut tried = false;
-    callbacks.credentials(move |_url, _user, _allowed| {
+    callbacks.credentials(move |url, _user, _allowed| {
         // Called again only after the server refused the previous credentials: stop then.
         if tried {
             return Err(git2::Error::from_str("the server refused the credentials"));
         }
         tried = true;
-        match token {
-            Some(token) => Cred::userpass_plaintext("x-access-token", token),
+        match &config.token {
+            // The URL is the server asking (after any redirect): the token goes only where
+            // the operator said it may.
+            Some(token) if config.credentials.allows(url) => {
+                Cred::userpass_plaintext("x-access-token", token.expose())
+            }
+            Some(_) => Err(git2::Error::from_str(
+                "the repository needs credentials, and this node sends its token only to the --github-url host and --credential-hosts over https",
+            )),
             None => Err(git2::Error::from_str(
                 "the repository needs credentials and none are configured",
             )),
@@ -153,7 +164,7 @@ fn refresh_mirror(
         let connection = remote
             .connect_auth(
                 git2::Direction::Fetch,
-                Some(callbacks(config.token.as_deref(), deadline)),
+                Some(callbacks(config, deadline)),
                 None,
             )
             .map_err(|e| e.message().to_string())?;
@@ -163,7 +174,7 @@ fn refresh_mirror(
             .and_then(|b| b.as_str().ok().map(str::to_string))
     };
     let mut options = FetchOptions::new();
-    options.remote_callbacks(callbacks(config.token.as_deref(), deadline));
+    options.remote_callbacks(callbacks(config, deadline));
     options.prune(git2::FetchPrune::On);
     remote
         .fetch(
@@ -236,15 +247,16 @@ pub fn prepare(
     Ok(checkouts)
 }
 
-/// Clone the local `mirror` into `dir`, copying (hard-linking where possible) its files
-/// instead of packing objects anew.
+/// Clone the local `mirror` into `dir`, copying its files instead of packing objects anew.
+/// Never hard links: the agent owns its checkout and could otherwise change the mirror's
+/// object files, which every later job reads.
 pub(super) fn clone_from_mirror(
     mirror: &Path,
     branch: Option<&str>,
     dir: &Path,
 ) -> Result<Repository, String> {
     let mut builder = RepoBuilder::new();
-    builder.clone_local(git2::build::CloneLocal::Local);
+    builder.clone_local(git2::build::CloneLocal::NoLinks);
     if let Some(branch) = branch {
         builder.branch(branch);
     }
@@ -309,6 +321,7 @@ mod tests {
             mirror_root: PathBuf::from("/tmp/m"),
             github_url: "https://github.com".into(),
             token: None,
+            credentials: CredentialPolicy::default(),
             allow_local,
             spares: SpareConfig {
                 root: PathBuf::from("/tmp/s"),
@@ -352,6 +365,7 @@ mod tests {
             mirror_root: root.path().join("mirrors"),
             github_url: String::new(),
             token: None,
+            credentials: CredentialPolicy::default(),
             allow_local: true,
             spares: SpareConfig {
                 root: root.path().join("spares"),
@@ -411,6 +425,7 @@ mod tests {
             mirror_root: root.path().join("mirrors"),
             github_url: String::new(),
             token: None,
+            credentials: CredentialPolicy::default(),
             allow_local: false,
             spares: SpareConfig {
                 root: root.path().join("spares"),

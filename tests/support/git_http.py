@@ -56,11 +56,17 @@ class Handler(BaseHTTPRequestHandler):
         user, _, password = decoded.partition(":")
         return user, password
 
-    def record(self, user, status):
+    def record(self, user, status, password=None):
         if not self.server.log_path:
             return
         line = json.dumps(
-            {"method": self.command, "path": self.path, "user": user, "status": status}
+            {
+                "method": self.command,
+                "path": self.path,
+                "user": user,
+                "password": password,
+                "status": status,
+            }
         )
         with LOG_LOCK, open(self.server.log_path, "a", encoding="utf-8") as log:
             log.write(line + "\n")
@@ -92,7 +98,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.body()
         user, password = self.credentials()
         if password != self.server.token:
-            self.record(user, 401)
+            self.record(user, 401, password)
             self.answer(
                 401,
                 [("WWW-Authenticate", 'Basic realm="git"'), ("Content-Type", "text/plain")],

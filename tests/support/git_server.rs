@@ -145,6 +145,17 @@ impl HttpGitServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Every password presented in a refused request (the fake logs them so tests can check
+    /// where a credential went).
+    pub fn refused_passwords(&self) -> Vec<String> {
+        let text =
+            std::fs::read_to_string(self.root.path().join("requests.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|v| v["password"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The requests served so far: (Basic user name, HTTP status) each.
     pub fn requests(&self) -> Vec<(Option<String>, u16)> {
         let text =
