@@ -10,6 +10,7 @@
 //! * [`cli`]: the command line and its HTTP client.
 //! * [`runner`]: running a job's agent process on this node.
 //! * [`node`]: node start-up and shutdown.
+//! * [`secret`]: the redacting, self-wiping type every credential lives in.
 //! * [`datadir`], [`ticket`], [`sysinfo`], [`metrics`]: supporting pieces.
 
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod net;
 pub mod node;
 pub mod proto;
 pub mod runner;
+pub mod secret;
 pub mod store;
 pub mod sysinfo;
 pub mod ticket;

@@ -6,7 +6,8 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::datadir::MESH_KEY_LEN;
+use crate::datadir::{MeshKey, MESH_KEY_LEN};
+use crate::secret::Secret;
 
 const PREFIX: &str = "cmesh1";
 const MAX_TICKET_LEN: usize = 8 * 1024;
@@ -17,7 +18,7 @@ pub const MAX_TICKET_ADDRS: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ticket {
     /// Pre-shared mesh key.
-    pub mesh_key: [u8; MESH_KEY_LEN],
+    pub mesh_key: MeshKey,
     /// Peer addresses, each ending in `/p2p/<peer id>`.
     pub addrs: Vec<Multiaddr>,
 }
@@ -37,7 +38,7 @@ impl Ticket {
     /// The textual form.
     pub fn encode(&self) -> String {
         let wire = Wire {
-            k: self.mesh_key.to_vec(),
+            k: self.mesh_key.expose().to_vec(),
             a: self.addrs.iter().map(|a| a.to_string()).collect(),
         };
         let mut bytes = Vec::new();
@@ -76,7 +77,10 @@ impl Ticket {
             .iter()
             .map(|a| parse_peer_addr(a).map_err(TicketError))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Ticket { mesh_key, addrs })
+        Ok(Ticket {
+            mesh_key: Secret::new(mesh_key),
+            addrs,
+        })
     }
 }
 
@@ -101,7 +105,7 @@ mod tests {
             .public()
             .to_peer_id();
         Ticket {
-            mesh_key: [9; MESH_KEY_LEN],
+            mesh_key: Secret::new([9; MESH_KEY_LEN]),
             addrs: vec![format!("/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
                 .parse()
                 .unwrap()],
@@ -112,6 +116,13 @@ mod tests {
     fn round_trips() {
         let ticket = sample();
         assert_eq!(Ticket::decode(&ticket.encode()), Ok(ticket));
+    }
+
+    #[test]
+    fn debug_output_hides_the_mesh_key() {
+        let shown = format!("{:?}", sample());
+        assert!(shown.contains("[redacted]"), "{shown}");
+        assert!(!shown.contains("9, 9"), "{shown}");
     }
 
     #[test]

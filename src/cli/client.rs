@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::secret::Secret;
+
 use super::{default_data_dir, ClientArgs, NodeCommand};
 
 /// Client command failures.
@@ -31,7 +33,7 @@ pub enum ClientError {
 
 pub(super) struct Api {
     base: String,
-    token: String,
+    token: Secret<String>,
     http: reqwest::Client,
 }
 
@@ -47,7 +49,7 @@ impl Api {
         let token = match &args.token {
             Some(t) => t.clone(),
             None => std::fs::read_to_string(dir.join("api-token"))
-                .map(|s| s.trim().to_string())
+                .map(|s| Secret::new(s.trim().to_string()))
                 .map_err(|_| ClientError::NoToken)?,
         };
         Ok(Api {
@@ -64,7 +66,10 @@ impl Api {
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token.expose());
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -94,7 +99,7 @@ impl Api {
         let response = self
             .http
             .get(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .send()
             .await
@@ -121,7 +126,7 @@ impl Api {
         let response = self
             .http
             .get(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .send()
             .await
             .map_err(unreachable)?;

@@ -25,7 +25,7 @@ pub async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(token) if same(token.as_bytes(), state.token.as_bytes()) => next.run(request).await,
+        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => next.run(request).await,
         Some(_) => ApiError(StatusCode::UNAUTHORIZED, "invalid token".into()).into_response(),
         None => ApiError(
             StatusCode::UNAUTHORIZED,
