@@ -1,10 +1,16 @@
 //! Job logs on disk: reading a chunk from an offset, and keeping a copy sent by another node.
+//! A worker writes its own logs through [`super::output::JobLog`], which keeps each to the
+//! node's `--max-log-mb`.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Largest log kept (and copied to the master), in bytes.
-pub const MAX_LOG_BYTES: u64 = 16 << 20;
+/// Default limit of a job's log on its worker, in MiB (`--max-log-mb`).
+pub const DEFAULT_MAX_LOG_MB: u64 = 64;
+/// Largest copy of a log kept for another node (the master's copy of a worker's log), in
+/// bytes: the default worker limit, so a log under the default limit is copied whole, note
+/// included; of a larger log (a worker with a higher `--max-log-mb`) only this much.
+pub const MAX_LOG_BYTES: u64 = DEFAULT_MAX_LOG_MB << 20;
 /// Largest chunk read or sent at once.
 pub const CHUNK_BYTES: u64 = 256 << 10;
 
