@@ -60,9 +60,12 @@ impl FakeModel {
         FakeModel { child, port, log }
     }
 
-    /// A `CODEX_HOME` whose config points Codex at this server.
+    /// A `CODEX_HOME` whose config points Codex at this server, outside the temporary
+    /// directory: Codex refuses to make its helper links there (`codex-linux-sandbox`, which
+    /// its sandbox runs by name when the system bubblewrap is older than 0.9). Removed on drop.
     fn codex_home(&self, dir: &Path) -> PathBuf {
-        let home = dir.join("codex-home");
+        let name = dir.file_name().expect("a named temp dir");
+        let home = codex_homes().join(name);
         std::fs::create_dir_all(&home).expect("codex home");
         let config = format!(
             r#"model_provider = "mock"
@@ -90,8 +93,16 @@ enabled = false
     }
 }
 
+/// Where the tests' `CODEX_HOME`s live (under the target directory, not the temp dir).
+fn codex_homes() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("codex-homes")
+}
+
 impl Drop for FakeModel {
     fn drop(&mut self) {
+        if let Some(name) = self.log.parent().and_then(Path::file_name) {
+            let _ = std::fs::remove_dir_all(codex_homes().join(name));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -304,4 +315,31 @@ fn a_stalled_model_trips_the_idle_watchdog_and_cancel_stops_codex() {
             .then_some(())
             .ok_or("codex still runs".to_string())
     });
+}
+
+#[test]
+fn a_prompt_that_looks_like_an_option_or_a_subcommand_reaches_codex_as_the_prompt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = FakeModel::start(
+        dir.path(),
+        json!({"turns": [], "by_prompt": [
+            {"match": "-m evil", "turns": [{"message": "took the dash prompt"}]},
+            {"match": "review", "turns": [{"message": "took the review prompt"}]}
+        ]}),
+    );
+    let home = model.codex_home(dir.path());
+    let mesh = codex_mesh(1, &home);
+    let node = &mesh.nodes[0];
+    // Without `--` before it, codex takes the first as options (and then waits for a prompt
+    // on stdin) and the second as its `review` subcommand.
+    for (prompt, answer) in [
+        ("-m evil", "took the dash prompt"),
+        ("review", "took the review prompt"),
+    ] {
+        let id = submit_job(node, json!({"prompt": prompt}));
+        let job = wait_job(node, &id, "the codex job to finish", job_finished);
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", model.requests());
+        assert_eq!(job["result"]["final_message"], answer, "{job}");
+        assert_eq!(job["prompt"], prompt);
+    }
 }

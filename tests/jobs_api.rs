@@ -108,6 +108,30 @@ fn bad_submissions_are_refused_with_a_reason() {
         (json!({"prompt": "  "}), "empty"),
         (json!({"prompt": "x".repeat(70 * 1024)}), "limit"),
         (
+            json!({"prompt": "fix\u{0}it"}),
+            "the prompt contains the control character U+0000",
+        ),
+        (
+            json!({"prompt": "fix\u{1b}[2Jit"}),
+            "the prompt contains the control character U+001B",
+        ),
+        (
+            json!({"prompt": "p", "repos": ["ssh://git@example.com/o/r.git"]}),
+            "ssh repositories are not supported; use an https:// URL",
+        ),
+        (
+            json!({"prompt": "p", "repos": ["git@github.com:o/r.git#main"]}),
+            "ssh repositories are not supported; use an https:// URL",
+        ),
+        (
+            json!({"prompt": "p", "repos": ["https://bob:hunter2@example.com/o/r.git"]}),
+            "must not contain credentials",
+        ),
+        (
+            json!({"prompt": "p", "repos": ["https://hunter2@example.com/o/r.git"]}),
+            "configure a token on the node instead (--github-token)",
+        ),
+        (
             json!({"prompt": "p", "repos": ["not a repo"]}),
             "malformed repository",
         ),
@@ -140,7 +164,40 @@ fn bad_submissions_are_refused_with_a_reason() {
             .unwrap_or("")
             .to_string();
         assert!(error.contains(expected), "{body}: {error}");
+        assert!(
+            !error.contains("hunter2"),
+            "a credential is never echoed: {error}"
+        );
     }
+    // Prompts keep newlines, tabs and carriage returns.
+    let multi_line = json!({"prompt": "line one\r\n\tline two", "agent": "codex"});
+    let created = node
+        .api("POST", "/api/v1/jobs", Some(&multi_line.to_string()))
+        .expect("request");
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(json_of(created)["prompt"], "line one\r\n\tline two");
+
+    // A body over the limit gets 413, with a JSON error that says the limit.
+    let huge = json!({"prompt": "x".repeat(3 << 20)}).to_string();
+    let response = node
+        .api("POST", "/api/v1/jobs", Some(&huge))
+        .expect("request");
+    assert_eq!(response.status, 413, "{}", response.body);
+    assert_eq!(
+        response.error_message().as_deref(),
+        Some("the request body is over the limit of 2097152 bytes")
+    );
+    // A URI over the limit gets 414, with a JSON error; one under it is served.
+    let long = format!("/api/v1/jobs?q={}", "x".repeat(9000));
+    let response = node.api("GET", &long, None).expect("request");
+    assert_eq!(response.status, 414, "{}", response.body);
+    let error = response.error_message().unwrap_or_default();
+    assert!(
+        error.contains("the request URI is 9015 bytes; the limit is 8192"),
+        "{error}"
+    );
+    let fits = format!("/api/v1/jobs?q={}", "x".repeat(8000));
+    assert_eq!(node.api("GET", &fits, None).expect("request").status, 200);
     let missing = node
         .api("GET", "/api/v1/jobs/01NOSUCHJOB", None)
         .expect("request");
@@ -150,7 +207,10 @@ fn bad_submissions_are_refused_with_a_reason() {
         .expect("request");
     assert_eq!(bad_filter.status, 400);
     let list = json_of(node.api_ok("GET", "/api/v1/jobs", None));
-    assert_eq!(list["total"], 0, "nothing was stored");
+    assert_eq!(
+        list["total"], 1,
+        "nothing but the multi-line job was stored"
+    );
 }
 
 #[test]

@@ -276,10 +276,9 @@ fn push_agent_events(state: &mut EventState, data: &[u8]) {
     let rest = state.partial_line.split_off(end + 1);
     let complete = std::mem::replace(&mut state.partial_line, rest);
     for line in complete.split(|b| *b == b'\n') {
-        let Ok(line) = std::str::from_utf8(line) else {
-            continue;
-        };
-        if let Some(json) = events::parse_line(line).and_then(|e| serde_json::to_string(&e).ok()) {
+        // Lossy, as the runner reads it: invalid bytes do not hide an event.
+        let line = String::from_utf8_lossy(line);
+        if let Some(json) = events::parse_line(&line).and_then(|e| serde_json::to_string(&e).ok()) {
             state
                 .pending
                 .push_back(Event::default().event("agent").data(json));

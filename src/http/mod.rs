@@ -25,7 +25,7 @@ pub struct ApiState {
     /// The mesh task.
     pub mesh: MeshHandle,
     /// The bearer token.
-    pub token: Arc<String>,
+    pub token: Arc<crate::secret::Secret<String>>,
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
     /// The network, to fetch job logs from other peers.
@@ -54,13 +54,41 @@ impl From<ActionError> for ApiError {
     }
 }
 
+/// Largest request body accepted, in bytes; a larger one gets 413.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+/// Longest request URI (path and query) accepted, in bytes; a longer one gets 414. (URIs over
+/// hyper's own limit of about 64 KiB are refused by hyper, with no body.)
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over the limit of {MAX_BODY_BYTES} bytes"),
+            );
+        }
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {}", e.body_text()),
         )
     }
+}
+
+/// Refuse a request whose URI is over [`MAX_URI_BYTES`] with a JSON 414.
+async fn limit_uri(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if length > MAX_URI_BYTES {
+        return ApiError(
+            StatusCode::URI_TOO_LONG,
+            format!("the request URI is {length} bytes; the limit is {MAX_URI_BYTES}"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 fn unavailable() -> ApiError {
@@ -105,6 +133,8 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_uri))
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -197,6 +197,15 @@ impl Mesh {
                 prompt.len()
             )));
         }
+        if let Some(c) = prompt
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+        {
+            return Err(invalid(format!(
+                "the prompt contains the control character U+{:04X}; only newlines, tabs and carriage returns are allowed",
+                u32::from(c)
+            )));
+        }
         // The nodes the job could run on, read once for every check below.
         let members: Vec<NodeView> = self
             .node_views()

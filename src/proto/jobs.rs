@@ -33,7 +33,8 @@ pub enum Target {
 /// A repository to clone into the job's work directory.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RepoSpec {
-    /// `owner/name` (GitHub), an `http(s)://` or `ssh://` / `git@host:` URL, or a local path.
+    /// `owner/name` (GitHub), an `http(s)://` (or `git://`) URL, or a local path (ssh and
+    /// URLs with credentials are refused: see [`super::repo_spec`]).
     pub source: String,
     /// Branch to check out (default branch when absent).
     pub branch: Option<String>,

@@ -1,5 +1,11 @@
-//! Parsing the repositories a user names: `owner/name`, an `http(s)://` or `ssh://` URL,
-//! `git@host:owner/name`, or an absolute local path, each optionally followed by `#branch`.
+//! Parsing the repositories a user names: `owner/name`, an `http(s)://` (or `git://`) URL, or
+//! an absolute local path, each optionally followed by `#branch`.
+//!
+//! Refused with a reason, and never echoed back when they may hold a secret:
+//! - ssh repositories (`ssh://...`, scp-like `git@host:path`): this build fetches over https
+//!   only (a private repository is reached with the node's `--github-token`);
+//! - credentials in a URL (`https://user:pass@host/...`, `https://token@host/...`): they would
+//!   be stored in the job for every peer to see; the node's token is used instead.
 
 use super::jobs::RepoSpec;
 
@@ -8,15 +14,24 @@ use super::jobs::RepoSpec;
 pub enum RepoKind {
     /// `owner/name` on GitHub.
     GitHub,
-    /// A URL (`http`, `https`, `ssh`, or scp-like `git@host:path`).
+    /// A URL (`https`, `http` or `git`; never with credentials).
     Url,
     /// An absolute path on the node (only where its operator allows it).
     LocalPath,
 }
 
+/// What a repository given with ssh gets.
+pub const SSH_UNSUPPORTED: &str =
+    "ssh repositories are not supported; use an https:// URL (a private repository is fetched with the node's --github-token)";
+/// What a repository URL with credentials in it gets.
+pub const CREDENTIALS_IN_URL: &str =
+    "a repository URL must not contain credentials (user:password@ or token@); configure a token on the node instead (--github-token)";
+
 /// Parse `source[#branch]`, refusing anything malformed with a reason.
 pub fn parse_repo(text: &str) -> Result<RepoSpec, String> {
     let text = text.trim();
+    // Before anything that quotes the text: it may hold a credential.
+    refuse_unsupported(text)?;
     let (source, branch) = match text.rsplit_once('#') {
         Some((source, branch)) => (source, Some(branch)),
         None => (text, None),
@@ -35,9 +50,10 @@ pub fn parse_repo(text: &str) -> Result<RepoSpec, String> {
 pub fn repo_kind(source: &str) -> Result<RepoKind, String> {
     let bad = |why: &str| {
         Err(format!(
-            "malformed repository {source:?}: {why} (use owner/name, an https:// or ssh:// URL, or an absolute path, optionally with #branch)"
+            "malformed repository {source:?}: {why} (use owner/name, an https:// URL, or an absolute path, optionally with #branch)"
         ))
     };
+    refuse_unsupported(source)?;
     if source.is_empty() || source.len() > 256 {
         return bad("empty or too long");
     }
@@ -51,7 +67,7 @@ pub fn repo_kind(source: &str) -> Result<RepoKind, String> {
             Ok(RepoKind::LocalPath)
         };
     }
-    for scheme in ["https://", "http://", "ssh://", "git://"] {
+    for scheme in ["https://", "http://", "git://"] {
         if let Some(rest) = source.strip_prefix(scheme) {
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
             let host = authority.rsplit('@').next().unwrap_or("");
@@ -62,10 +78,7 @@ pub fn repo_kind(source: &str) -> Result<RepoKind, String> {
             };
         }
     }
-    if let Some((user_host, path)) = source.split_once(':') {
-        if user_host.contains('@') && !path.is_empty() && !path.starts_with('/') {
-            return Ok(RepoKind::Url);
-        }
+    if source.contains(':') {
         return bad("unknown URL form");
     }
     let mut parts = source.split('/');
@@ -85,6 +98,28 @@ pub fn repo_kind(source: &str) -> Result<RepoKind, String> {
     } else {
         bad("not owner/name")
     }
+}
+
+/// Refuse ssh repositories and URLs with credentials, without quoting `text`.
+fn refuse_unsupported(text: &str) -> Result<(), String> {
+    let lower = text.to_ascii_lowercase();
+    if let Some((scheme, rest)) = lower.split_once("://") {
+        if scheme.split('+').any(|part| part == "ssh") {
+            return Err(SSH_UNSUPPORTED.into());
+        }
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return Err(CREDENTIALS_IN_URL.into());
+        }
+        return Ok(());
+    }
+    // scp-like `user@host:path`, which git fetches over ssh.
+    if let Some((user_host, _)) = text.split_once(':') {
+        if user_host.contains('@') && !user_host.contains('/') {
+            return Err(SSH_UNSUPPORTED.into());
+        }
+    }
+    Ok(())
 }
 
 /// A branch name git would accept, conservatively.
@@ -118,9 +153,7 @@ mod tests {
             ("my-org/my.repo_2", RepoKind::GitHub),
             ("https://github.com/o/r.git", RepoKind::Url),
             ("http://127.0.0.1:8080/r.git", RepoKind::Url),
-            ("ssh://git@host/o/r.git", RepoKind::Url),
             ("git://127.0.0.1:9418/r.git", RepoKind::Url),
-            ("git@github.com:o/r.git", RepoKind::Url),
             ("/srv/git/repo", RepoKind::LocalPath),
         ];
         for (text, kind) in cases {
@@ -152,6 +185,43 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn refuses_ssh_repositories() {
+        for text in [
+            "ssh://git@host/o/r.git",
+            "ssh://host/o/r.git",
+            "git+ssh://host/o/r.git",
+            "SSH://host/o/r.git#main",
+            "git@github.com:o/r.git",
+            "git@github.com:o/r.git#main",
+        ] {
+            assert_eq!(parse_repo(text), Err(SSH_UNSUPPORTED.to_string()), "{text}");
+            assert_eq!(
+                repo_kind(text.split('#').next().unwrap_or(text)),
+                Err(SSH_UNSUPPORTED.to_string()),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_credentials_in_urls_without_echoing_them() {
+        for text in [
+            "https://user:s3cret@github.com/o/r.git",
+            "https://s3cret@github.com/o/r.git",
+            "http://user:s3cret@127.0.0.1:8080/r.git#main",
+            "HTTPS://user:s3cret@github.com/o/r.git",
+            "https://user:s3cret#x@github.com/o/r.git",
+            "https://user:s3cret@github.com/o/r .git",
+        ] {
+            let err = parse_repo(text).expect_err(text);
+            assert_eq!(err, CREDENTIALS_IN_URL, "{text}");
+            assert!(!err.contains("s3cret"), "{text}: {err}");
+        }
+        // An `@` in the path is no credential.
+        assert_eq!(repo_kind("https://host/o/r@v1.git"), Ok(RepoKind::Url));
     }
 
     proptest! {

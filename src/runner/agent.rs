@@ -1,6 +1,7 @@
 //! Agents: how a job's agent process is started. `codex` is built in; operators define more
 //! with `--agent NAME=COMMAND`, where COMMAND is split like a shell would (no shell runs) and
-//! `{prompt}`, `{workdir}` and `{model}` are replaced in each word.
+//! `{prompt}`, `{workdir}` and `{model}` are replaced in each word, in one pass: text put in
+//! for a placeholder (a prompt that says `{workdir}`) is never expanded again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,15 +107,12 @@ impl Agents {
         if let Some(agent) = self.commands.get(&spec.agent) {
             let model = spec.model.clone().unwrap_or_default();
             let workdir_text = workdir.display().to_string();
-            let argv = agent
-                .words
-                .iter()
-                .map(|w| {
-                    w.replace("{prompt}", &spec.prompt)
-                        .replace("{workdir}", &workdir_text)
-                        .replace("{model}", &model)
-                })
-                .collect();
+            let values = [
+                ("{prompt}", spec.prompt.as_str()),
+                ("{workdir}", workdir_text.as_str()),
+                ("{model}", model.as_str()),
+            ];
+            let argv = agent.words.iter().map(|w| substitute(w, &values)).collect();
             return Ok(Invocation {
                 argv,
                 cwd: workdir.to_path_buf(),
@@ -160,7 +158,8 @@ impl Agents {
         if let Some(model) = &spec.model {
             argv.extend(["-m".to_string(), model.clone()]);
         }
-        argv.push(spec.prompt.clone());
+        // Everything after `--` is the prompt, even one that starts with `-`.
+        argv.extend(["--".to_string(), spec.prompt.clone()]);
         Ok(Invocation {
             argv,
             cwd: workdir.to_path_buf(),
@@ -168,6 +167,29 @@ impl Agents {
             last_message_file: Some(last),
         })
     }
+}
+
+/// `word` with each placeholder of `values` replaced by its value, in a single pass from left
+/// to right: the values themselves are never searched for placeholders.
+fn substitute(word: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(word.len());
+    let mut rest = word;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        match values.iter().find(|(name, _)| tail.starts_with(name)) {
+            Some((name, value)) => {
+                out.push_str(value);
+                rest = &tail[name.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Find `program` on `PATH` (or take it as a path).
@@ -213,6 +235,28 @@ mod tests {
     }
 
     #[test]
+    fn placeholders_in_the_prompt_stay_literal() {
+        let agent = parse_agent("lit=run {prompt} {model}@{workdir} {{prompt}} {other}").unwrap();
+        let agents = Agents {
+            codex: None,
+            commands: [(agent.name.clone(), agent)].into_iter().collect(),
+        };
+        let run = agents
+            .invocation(&spec("lit", "{workdir} {model} {prompt}"), Path::new("/w"))
+            .unwrap();
+        assert_eq!(
+            run.argv,
+            vec![
+                "run",
+                "{workdir} {model} {prompt}",
+                "m1@/w",
+                "{{workdir} {model} {prompt}}",
+                "{other}"
+            ]
+        );
+    }
+
+    #[test]
     fn codex_runs_exec_with_json_sandbox_and_last_message_file() {
         let agents = Agents {
             codex: Some("/usr/bin/codex".into()),
@@ -231,7 +275,12 @@ mod tests {
             .argv
             .windows(2)
             .any(|w| w == ["-c", "sandbox_workspace_write.exclude_slash_tmp=true"]));
-        assert_eq!(run.argv.last().map(String::as_str), Some("fix it"));
+        assert_eq!(&run.argv[run.argv.len() - 2..], ["--", "fix it"]);
+        let dash = agents
+            .invocation(&spec("codex", "-m evil"), Path::new("/w"))
+            .unwrap();
+        assert_eq!(&dash.argv[dash.argv.len() - 2..], ["--", "-m evil"]);
+        assert_eq!(dash.argv.iter().filter(|a| *a == "-m").count(), 1);
         assert!(run.codex_events);
         let none = Agents::default();
         assert!(none
