@@ -22,9 +22,13 @@ stop() {
 }
 trap stop EXIT
 
+# A node started by root refuses to run agents as root unless told it may (for this demo).
+as_root=()
+[ "$(id -u)" = 0 ] && as_root=(--allow-root-agents)
+
 start() { # name, then `up` or `join <ticket>`
   local name=$1; shift
-  "$bin" "$@" --data-dir "$root/$name" --name "$name" \
+  "$bin" "$@" --data-dir "$root/$name" --name "$name" "${as_root[@]}" \
     --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0 >"$root/$name.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do [ -s "$root/$name/api-url" ] && return; sleep 0.1; done

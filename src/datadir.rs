@@ -9,8 +9,13 @@ use libp2p::identity::Keypair;
 use rand::RngCore;
 use thiserror::Error;
 
+use crate::secret::Secret;
+
 /// Length of the pre-shared mesh key.
 pub const MESH_KEY_LEN: usize = 32;
+
+/// The pre-shared mesh key.
+pub type MeshKey = Secret<[u8; MESH_KEY_LEN]>;
 
 /// Data directory failures.
 #[derive(Debug, Error)]
@@ -52,8 +57,8 @@ pub struct DataDir {
 }
 
 /// A short public id of a mesh derived from its key (safe to print).
-pub fn mesh_id(key: &[u8; MESH_KEY_LEN]) -> String {
-    let digest = blake3::derive_key("codex-mesh mesh id v1", key);
+pub fn mesh_id(key: &MeshKey) -> String {
+    let digest = blake3::derive_key("codex-mesh mesh id v1", key.expose());
     hex::encode(&digest[..6])
 }
 
@@ -66,11 +71,18 @@ impl DataDir {
         };
         let existed = root.exists();
         fs::create_dir_all(root).map_err(io)?;
-        // The store holds replicated secrets later on: keep the whole directory private.
+        // The store holds replicated secrets: keep the whole directory private, also when it
+        // existed with looser permissions.
         #[cfg(unix)]
-        if !existed {
+        {
             use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io)?;
+            let mode = fs::metadata(root).map_err(io)?.permissions().mode();
+            if mode & 0o777 != 0o700 {
+                fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io)?;
+                if existed && mode & 0o077 != 0 {
+                    tracing::info!("made the data dir {} private (0700)", root.display());
+                }
+            }
         }
         Ok(DataDir {
             root: root.to_path_buf(),
@@ -130,7 +142,7 @@ impl DataDir {
     }
 
     /// The mesh key, if this directory already belongs to a mesh.
-    pub fn mesh_key(&self) -> Result<Option<[u8; MESH_KEY_LEN]>, DataDirError> {
+    pub fn mesh_key(&self) -> Result<Option<MeshKey>, DataDirError> {
         let path = self.mesh_key_path();
         let Some(bytes) = read_optional(&path)? else {
             return Ok(None);
@@ -142,7 +154,7 @@ impl DataDir {
         };
         let raw = hex::decode(text.trim()).map_err(|_| damaged("not hex"))?;
         let key: [u8; MESH_KEY_LEN] = raw.try_into().map_err(|_| damaged("wrong length"))?;
-        Ok(Some(key))
+        Ok(Some(Secret::new(key)))
     }
 
     /// Which mesh key to use: the ticket's (`Some`) or the one already here. Checks that the
@@ -150,8 +162,8 @@ impl DataDir {
     /// it is new to this directory (see [`DataDir::save_mesh_key`]).
     pub fn choose_mesh_key(
         &self,
-        ticket_key: Option<&[u8; MESH_KEY_LEN]>,
-    ) -> Result<([u8; MESH_KEY_LEN], bool), DataDirError> {
+        ticket_key: Option<&MeshKey>,
+    ) -> Result<(MeshKey, bool), DataDirError> {
         match (self.mesh_key()?, ticket_key) {
             (Some(have), Some(want)) if &have != want => Err(DataDirError::OtherMesh {
                 path: self.root.clone(),
@@ -159,10 +171,10 @@ impl DataDir {
                 want: mesh_id(want),
             }),
             (Some(have), _) => Ok((have, false)),
-            (None, Some(want)) => Ok((*want, true)),
+            (None, Some(want)) => Ok((want.clone(), true)),
             (None, None) => {
-                let mut key = [0u8; MESH_KEY_LEN];
-                rand::rngs::OsRng.fill_bytes(&mut key);
+                let mut key = Secret::new([0u8; MESH_KEY_LEN]);
+                rand::rngs::OsRng.fill_bytes(key.expose_mut());
                 Ok((key, true))
             }
         }
@@ -170,23 +182,25 @@ impl DataDir {
 
     /// Record that this directory belongs to the mesh of `key`. Called last during start-up,
     /// so a start that fails earlier leaves the directory as it was.
-    pub fn save_mesh_key(&self, key: &[u8; MESH_KEY_LEN]) -> Result<(), DataDirError> {
-        write_secret(&self.mesh_key_path(), hex::encode(key).as_bytes())
+    pub fn save_mesh_key(&self, key: &MeshKey) -> Result<(), DataDirError> {
+        let text = Secret::new(hex::encode(key.expose()));
+        write_secret(&self.mesh_key_path(), text.expose().as_bytes())
     }
 
     /// The API bearer token, created on first use.
-    pub fn api_token(&self) -> Result<String, DataDirError> {
+    pub fn api_token(&self) -> Result<Secret<String>, DataDirError> {
         let path = self.token_path();
         if let Some(bytes) = read_optional(&path)? {
-            let token = String::from_utf8_lossy(&bytes).trim().to_string();
-            if token.len() >= 16 {
+            let bytes = Secret::new(bytes);
+            let token = Secret::new(String::from_utf8_lossy(bytes.expose()).trim().to_string());
+            if token.expose().len() >= 16 {
                 return Ok(token);
             }
         }
-        let mut raw = [0u8; 24];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
-        let token = hex::encode(raw);
-        write_secret(&path, token.as_bytes())?;
+        let mut raw = Secret::new([0u8; 24]);
+        rand::rngs::OsRng.fill_bytes(raw.expose_mut());
+        let token = Secret::new(hex::encode(raw.expose()));
+        write_secret(&path, token.expose().as_bytes())?;
         Ok(token)
     }
 
@@ -249,7 +263,7 @@ mod tests {
         data.save_mesh_key(&key).unwrap();
         let again = DataDir::open(dir.path()).unwrap();
         assert_eq!(again.identity().unwrap().public().to_peer_id(), id);
-        assert_eq!(again.choose_mesh_key(None).unwrap(), (key, false));
+        assert_eq!(again.choose_mesh_key(None).unwrap(), (key.clone(), false));
         assert_eq!(again.choose_mesh_key(Some(&key)).unwrap(), (key, false));
         #[cfg(unix)]
         {
@@ -262,13 +276,25 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_loose_existing_data_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        DataDir::open(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
     #[test]
     fn joining_another_mesh_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::open(dir.path()).unwrap();
-        data.save_mesh_key(&[1u8; MESH_KEY_LEN]).unwrap();
+        data.save_mesh_key(&Secret::new([1u8; MESH_KEY_LEN]))
+            .unwrap();
         let err = data
-            .choose_mesh_key(Some(&[7u8; MESH_KEY_LEN]))
+            .choose_mesh_key(Some(&Secret::new([7u8; MESH_KEY_LEN])))
             .unwrap_err();
         assert!(err.to_string().contains("another mesh"));
     }

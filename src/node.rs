@@ -16,6 +16,8 @@ use crate::net::NetError;
 use crate::proto::election::Timing;
 use crate::proto::records::validate_tag;
 use crate::runner::agent::{find_program, parse_agent, Agents};
+use crate::runner::credentials::CredentialPolicy;
+use crate::runner::isolation::{self, Isolation, IsolationError};
 use crate::runner::repos::RepoConfig;
 use crate::runner::retention::Retention;
 use crate::runner::spares::{SpareConfig, SPARES_DIR};
@@ -59,6 +61,9 @@ pub enum NodeError {
     /// Invalid option.
     #[error("{0}")]
     Config(String),
+    /// Agents cannot be isolated as asked.
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
 }
 
 fn host_name() -> String {
@@ -97,6 +102,8 @@ fn validate(args: &NodeArgs) -> Result<(String, Vec<String>), NodeError> {
 
 /// Run a node until a shutdown signal.
 pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
+    // Agents of the same user must not read this process's environment or memory.
+    isolation::make_undumpable();
     let (name, tags) = validate(&args)?;
     let ticket = match &mode {
         StartMode::Join(text) => Some(Ticket::decode(text)?),
@@ -145,7 +152,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     let store = Store::open(&data.store_path())?;
     let metrics = Arc::new(Metrics::default());
     let (client, events, event_loop) =
-        crate::net::build(keypair, mesh_key, &args.listen, metrics.clone())?;
+        crate::net::build(keypair, *mesh_key.expose(), &args.listen, metrics.clone())?;
     let mut bootstrap: Vec<Multiaddr> = ticket.map(|t| t.addrs).unwrap_or_default();
     bootstrap.extend(args.peers.iter().cloned());
     let config = MeshConfig {
@@ -157,7 +164,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         bootstrap,
         api_url: Some(public_url),
         mesh_id: mesh_id(&mesh_key),
-        mesh_key,
+        mesh_key: mesh_key.clone(),
         timing: Timing::default(),
         machine: crate::sysinfo::probe(),
         runner: Arc::new(runner_config(&args, &data)?),
@@ -174,7 +181,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
 
     let api = crate::http::router(crate::http::ApiState {
         mesh: handle.clone(),
-        token: Arc::new(token.clone()),
+        token: Arc::new(token),
         metrics,
         net: net_client,
     });
@@ -255,11 +262,24 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
         .workdir_root
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("codex-mesh-jobs"));
+    let isolation = Isolation::setup(isolation::Options {
+        agent_user: args.agent_user.as_deref(),
+        allow_root_agents: args.allow_root_agents,
+        bwrap: &args.bwrap,
+        data_dir: data.root(),
+        workdir_root: &workdir_root,
+    })?;
     Ok(RunnerConfig {
         repos: RepoConfig {
             mirror_root: data.root().join("mirrors"),
             github_url: args.github_url.clone(),
-            token: args.github_token.clone().filter(|t| !t.is_empty()),
+            token: args.github_token.clone().filter(|t| !t.expose().is_empty()),
+            credentials: CredentialPolicy::new(
+                &args.github_url,
+                &args.credential_hosts,
+                args.allow_http_credentials,
+            )
+            .map_err(|e| NodeError::Config(e.to_string()))?,
             allow_local: args.allow_local_repos,
             spares: SpareConfig {
                 root: workdir_root.join(SPARES_DIR),
@@ -268,6 +288,7 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
         },
         workdir_root,
         log_dir: data.root().join("job-logs"),
+        max_log_bytes: args.max_log_mb << 20,
         agents: Agents { codex, commands },
         retention: Retention {
             keep: args.keep_workdirs,
@@ -275,6 +296,7 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
             keep_failed: args.keep_failed_workdirs,
         },
         active: Default::default(),
+        isolation,
         pass_env,
     })
 }

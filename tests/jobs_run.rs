@@ -105,8 +105,17 @@ fn wall_clock_and_idle_limits_stop_the_agent() {
     common::assert_ended(&job, "timed_out", "no output");
 }
 
-fn alive(pid: &str) -> bool {
-    Path::new("/proc").join(pid.trim()).exists()
+/// Processes whose working directory is `dir`: an agent and its children. (Pids that the
+/// agent itself sees may be those of its own pid namespace, when it runs in bubblewrap.)
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
 }
 
 #[test]
@@ -117,16 +126,18 @@ fn cancel_kills_the_whole_process_group() {
     let id = submit_job(node, json!({"prompt": "x", "agent": "tree"}));
     wait_job(node, &id, "job running", |j| j["status"] == "running");
     let dir = workdirs.join(&id);
-    let child = poll(WAIT, "the agent to write its child's pid", || {
+    poll(WAIT, "the agent to write its child's pid", || {
         std::fs::read_to_string(dir.join("child.pid")).map_err(|e| e.to_string())
     });
-    assert!(alive(&child));
+    let before = processes_in(&dir);
+    assert!(before.len() >= 2, "the agent and its child: {before:?}");
     node.api_ok("POST", &format!("/api/v1/jobs/{id}/cancel"), None);
-    poll(WAIT, "the agent's child to be killed", || {
-        if alive(&child) {
-            Err(format!("pid {child} still alive"))
-        } else {
+    poll(WAIT, "the agent and its child to be killed", || {
+        let left = processes_in(&dir);
+        if left.is_empty() {
             Ok(())
+        } else {
+            Err(format!("still alive: {left:?}"))
         }
     });
     let job = wait_job(node, &id, "job cancelled", job_finished);

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::secret::Secret;
 use libp2p::Multiaddr;
 
 /// Run many Codex coding agents on your own servers, as one private mesh.
@@ -220,16 +222,23 @@ pub struct NodeArgs {
     /// Where job work directories are made (default: <temp dir>/codex-mesh-jobs).
     #[arg(long, env = "CODEX_MESH_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
-    /// Token for fetching private repositories over https (never stored in a URL).
+    /// Token for fetching private repositories over https (never stored in a URL); sent only
+    /// to the --github-url host and --credential-hosts.
     #[arg(long, env = "CODEX_MESH_GITHUB_TOKEN", hide_env_values = true)]
-    pub github_token: Option<String>,
-    /// Base URL that `owner/name` repositories are fetched from.
+    pub github_token: Option<Secret<String>>,
+    /// Base URL that `owner/name` repositories are fetched from; its host receives the token.
     #[arg(
         long,
         env = "CODEX_MESH_GITHUB_URL",
         default_value = "https://github.com"
     )]
     pub github_url: String,
+    /// More hosts (`host` or `host:port`) that may receive the token, comma-separated.
+    #[arg(long, env = "CODEX_MESH_CREDENTIAL_HOSTS", value_delimiter = ',')]
+    pub credential_hosts: Vec<String>,
+    /// Send the token to those hosts over plain http too (only on a network you trust).
+    #[arg(long, env = "CODEX_MESH_ALLOW_HTTP_CREDENTIALS")]
+    pub allow_http_credentials: bool,
     /// Let jobs name repositories by absolute path on this node.
     #[arg(long, env = "CODEX_MESH_ALLOW_LOCAL_REPOS")]
     pub allow_local_repos: bool,
@@ -237,6 +246,15 @@ pub struct NodeArgs {
     /// job on one of them starts without writing the whole tree (0: off).
     #[arg(long, env = "CODEX_MESH_SPARE_CHECKOUTS", default_value_t = 8)]
     pub spare_checkouts: usize,
+    /// Largest log file kept of one job, in MiB; output beyond it is dropped and a note in
+    /// the log says so (the master keeps a copy of up to 64 MiB of each log).
+    #[arg(
+        long,
+        env = "CODEX_MESH_MAX_LOG_MB",
+        default_value_t = crate::runner::logs::DEFAULT_MAX_LOG_MB,
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+    )]
+    pub max_log_mb: u64,
     /// Keep at most this many job work directories (newest first).
     #[arg(long, env = "CODEX_MESH_KEEP_WORKDIRS", default_value_t = 20)]
     pub keep_workdirs: usize,
@@ -249,6 +267,19 @@ pub struct NodeArgs {
     /// Keep the work directories of jobs that did not succeed (for inspection).
     #[arg(long, env = "CODEX_MESH_KEEP_FAILED_WORKDIRS")]
     pub keep_failed_workdirs: bool,
+    /// Run agents as this user (uid and primary group): their work directories are handed to
+    /// it and HOME and USER are its own. Needs a node that runs as root; give the user a
+    /// CODEX_HOME it can write.
+    #[arg(long, env = "CODEX_MESH_AGENT_USER")]
+    pub agent_user: Option<String>,
+    /// Let a node that runs as root, without --agent-user, run agents as root (otherwise it
+    /// refuses every job).
+    #[arg(long, env = "CODEX_MESH_ALLOW_ROOT_AGENTS")]
+    pub allow_root_agents: bool,
+    /// bubblewrap program that hides the data directory from agents running as the node's own
+    /// user (`none`: do not wrap agents).
+    #[arg(long, env = "CODEX_MESH_BWRAP", default_value = "bwrap")]
+    pub bwrap: String,
 }
 
 /// How a client command finds a node's API.
@@ -262,7 +293,7 @@ pub struct ClientArgs {
     pub api: Option<String>,
     /// API bearer token (default: from the data dir).
     #[arg(long, env = "CODEX_MESH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret<String>>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -277,5 +308,20 @@ pub fn default_data_dir() -> PathBuf {
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
         Some(home) => PathBuf::from(home).join(".local/share/codex-mesh"),
         None => PathBuf::from("codex-mesh-data"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_on_the_command_line_never_print() {
+        let cli = Cli::parse_from(["codex-mesh", "up", "--github-token", "ghp_do_not_print_me"]);
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("ghp_do_not_print_me"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        let cli = Cli::parse_from(["codex-mesh", "status", "--token", "api-token-secret"]);
+        assert!(!format!("{cli:?}").contains("api-token-secret"));
     }
 }

@@ -3,8 +3,11 @@
 //! watchdog, cancellation that kills the whole group, and the result reported back.
 
 pub mod agent;
+pub mod credentials;
 pub mod events;
+pub mod isolation;
 pub mod logs;
+pub mod output;
 pub mod repos;
 pub mod retention;
 pub mod spares;
@@ -16,13 +19,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::proto::jobs::{CommandRun, JobResult, JobSpec, JobStatus, MAX_RESULT_COMMANDS};
 use agent::{Agents, PASSED_ENV};
-use events::{parse_line, Summary};
 use repos::{diff_summary, prepare, Checkout, RepoConfig};
 
 /// Where and how this node runs jobs.
@@ -32,6 +33,8 @@ pub struct RunnerConfig {
     pub workdir_root: PathBuf,
     /// Where job logs are kept.
     pub log_dir: PathBuf,
+    /// Largest log file of one job, in bytes (`--max-log-mb`); output beyond is dropped.
+    pub max_log_bytes: u64,
     /// The agents this node can run.
     pub agents: Agents,
     /// How repositories are fetched.
@@ -40,8 +43,18 @@ pub struct RunnerConfig {
     pub retention: retention::Retention,
     /// Environment variables passed to agents besides [`PASSED_ENV`] (operator's choice).
     pub pass_env: Vec<String>,
+    /// Which user agents run as and what they can see (`--agent-user`, `--bwrap`).
+    pub isolation: isolation::Isolation,
     /// Jobs running now (their work directories are never cleaned).
     pub active: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl RunnerConfig {
+    /// Whether this node takes a job of agent `name` now, or why not.
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        self.isolation.check()?;
+        self.agents.check(name)
+    }
 }
 
 /// A status change of a running job, for the mesh task to record.
@@ -105,7 +118,7 @@ pub fn start(
         result.duration_ms = started.elapsed().as_millis() as u64;
         let workdir = config.workdir_root.join(&spec.id);
         if status != JobStatus::Succeeded && workdir.is_dir() {
-            let _ = tokio::fs::write(workdir.join(retention::FAILED_MARKER), b"").await;
+            let _ = isolation::write_marker(&workdir.join(retention::FAILED_MARKER)).await;
         }
         report(update(status, reason, Some(result)));
         let running: Vec<String> = match config.active.lock() {
@@ -141,9 +154,12 @@ async fn run(
     mut cancelled: watch::Receiver<bool>,
     progress: &(dyn Fn(JobStatus) + Send + Sync),
 ) -> Outcome {
+    if let Err(why) = config.isolation.check() {
+        return failed(why);
+    }
     let workdir = config.workdir_root.join(&spec.id);
     let _ = tokio::fs::remove_dir_all(&workdir).await;
-    if let Err(e) = tokio::fs::create_dir_all(&workdir).await {
+    if let Err(e) = config.isolation.create_job_dir(&workdir).await {
         return failed(format!(
             "cannot create the work directory {}: {e}",
             workdir.display()
@@ -164,6 +180,12 @@ async fn run(
             Err(e) => return failed(format!("preparing the repositories crashed: {e}")),
         }
     };
+    if let Err(e) = config.isolation.hand_over(&workdir).await {
+        return failed(format!(
+            "cannot give the work directory {} to the agent user: {e}",
+            workdir.display()
+        ));
+    }
     let prepare_ms = preparing.elapsed().as_millis() as u64;
     let invocation = match config.agents.invocation(spec, &workdir) {
         Ok(i) => i,
@@ -171,13 +193,8 @@ async fn run(
     };
     let _ = tokio::fs::create_dir_all(&config.log_dir).await;
     let log_path = config.log_dir.join(format!("{}.log", spec.id));
-    let mut log = match tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .await
-    {
-        Ok(f) => f,
+    let log = match output::JobLog::open(&log_path, config.max_log_bytes).await {
+        Ok(log) => log,
         Err(e) => {
             return failed(format!(
                 "cannot open the job log {}: {e}",
@@ -185,9 +202,10 @@ async fn run(
             ))
         }
     };
-    let mut command = Command::new(&invocation.argv[0]);
+    let argv = config.isolation.wrap(&invocation.argv);
+    let mut command = Command::new(&argv[0]);
     command
-        .args(&invocation.argv[1..])
+        .args(&argv[1..])
         .current_dir(&invocation.cwd)
         .env_clear()
         .envs(
@@ -201,6 +219,7 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    config.isolation.apply(&mut command);
     #[cfg(unix)]
     command.process_group(0);
     let mut child = match command.spawn() {
@@ -214,51 +233,19 @@ async fn run(
     };
     progress(JobStatus::Running);
     let pid = child.id();
-    let (lines_tx, mut lines) = mpsc::unbounded_channel::<(bool, String)>();
-    for (is_stdout, stream) in [
-        (
-            true,
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ),
-        (
-            false,
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ),
-    ] {
-        let Some(stream) = stream else { continue };
-        let tx = lines_tx.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send((is_stdout, line)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(lines_tx);
+    let mut chunks = output::spawn_readers(child.stdout.take(), child.stderr.take());
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.timeout_secs.into());
     let idle = Duration::from_secs(spec.idle_timeout_secs.into());
     let mut idle_deadline = tokio::time::Instant::now() + idle;
-    let mut output = Output {
-        codex_events: invocation.codex_events,
-        summary: Summary::default(),
-        last_stdout: None,
-    };
+    let mut output = output::Output::new(invocation.codex_events, log);
     let mut streams_open = true;
     let ending = loop {
         tokio::select! {
-            line = lines.recv(), if streams_open => match line {
-                Some((is_stdout, line)) => {
+            chunk = chunks.recv(), if streams_open => match chunk {
+                Some((is_stdout, chunk)) => {
                     idle_deadline = tokio::time::Instant::now() + idle;
-                    output.take(is_stdout, line, &mut log).await;
+                    output.take(is_stdout, &chunk).await;
                 }
                 None => streams_open = false,
             },
@@ -280,21 +267,19 @@ async fn run(
         let _ = child.wait().await;
     }
     // Collect what the agent printed before it ended.
-    while let Ok(Some((is_stdout, line))) =
-        tokio::time::timeout(Duration::from_millis(200), lines.recv()).await
+    while let Ok(Some((is_stdout, chunk))) =
+        tokio::time::timeout(Duration::from_millis(200), chunks.recv()).await
     {
-        output.take(is_stdout, line, &mut log).await;
+        output.take(is_stdout, &chunk).await;
     }
-    let Output {
+    let output::Collected {
         summary,
         last_stdout,
-        ..
-    } = output;
-    let _ = log.flush().await;
+        log_capped,
+    } = output.finish().await;
     let from_file = match &invocation.last_message_file {
-        Some(path) => tokio::fs::read_to_string(path)
+        Some(path) => isolation::read_agent_file(path)
             .await
-            .ok()
             .filter(|t| !t.trim().is_empty()),
         None => None,
     };
@@ -331,7 +316,7 @@ async fn run(
     if let Some(message) = &mut result.final_message {
         truncate_utf8(message, 64 * 1024);
     }
-    match ending {
+    let (status, reason, result) = match ending {
         Ending::Exited(status) => {
             result.exit_code = status.code();
             if status.success() {
@@ -364,32 +349,14 @@ async fn run(
             result,
         ),
         Ending::Cancelled => (JobStatus::Cancelled, Some("cancelled".into()), result),
-    }
-}
-
-/// What the agent printed, as far as the result needs it.
-struct Output {
-    codex_events: bool,
-    summary: Summary,
-    last_stdout: Option<String>,
-}
-
-impl Output {
-    /// Log one line and fold it into the summary (Codex JSONL) or the last line (others).
-    async fn take(&mut self, is_stdout: bool, line: String, log: &mut tokio::fs::File) {
-        let prefix = if is_stdout { "" } else { "[stderr] " };
-        let _ = log.write_all(format!("{prefix}{line}\n").as_bytes()).await;
-        if !is_stdout {
-            return;
-        }
-        if self.codex_events {
-            if let Some(event) = parse_line(&line) {
-                self.summary.add(event);
-            }
-        } else if !line.trim().is_empty() {
-            self.last_stdout = Some(line);
-        }
-    }
+    };
+    // Say so when the log limit dropped output (the job's outcome does not change).
+    let reason = match (reason, log_capped) {
+        (Some(why), Some(capped)) => Some(format!("{why}; the log is incomplete: {capped}")),
+        (None, Some(capped)) => Some(format!("the log is incomplete: {capped}")),
+        (reason, None) => reason,
+    };
+    (status, reason, result)
 }
 
 fn truncate_utf8(text: &mut String, max: usize) {

@@ -200,7 +200,13 @@ fn wait_for_refill(mirror_id: &str, deadline: Instant) {
 
 /// Clone `mirror` into a temporary directory, then publish it as the spare.
 fn refill(config: &SpareConfig, mirror_id: &str, mirror: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(&config.root).map_err(|e| e.to_string())?;
+    // Private to the node: agents get a spare only once it is theirs (renamed into a job).
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.root)
+        .map_err(|e| e.to_string())?;
     let building = config.root.join(format!(
         "{BUILDING_PREFIX}{mirror_id}-{}",
         std::process::id()
@@ -279,6 +285,7 @@ mod tests {
                 mirror_root: root.path().join("mirrors"),
                 github_url: String::new(),
                 token: None,
+                credentials: crate::runner::credentials::CredentialPolicy::default(),
                 allow_local: true,
                 spares: SpareConfig {
                     root: root.path().join("work").join(SPARES_DIR),

@@ -358,7 +358,21 @@ fn common_args(data_dir: &Path, name: &str, opts: &NodeOptions) -> Vec<String> {
         "127.0.0.1:0".to_owned(),
     ];
     args.extend(opts.extra.iter().cloned());
+    // A node that runs as root refuses to run agents as root unless it is told it may; CI
+    // runs the tests as root. Tests of that refusal remove the flag again.
+    if running_as_root() && !opts.extra.iter().any(|a| a == "--agent-user") {
+        args.push(ALLOW_ROOT_AGENTS.to_owned());
+    }
     args
+}
+
+/// The flag the harness adds for nodes started by root (see [`up_args`]).
+pub const ALLOW_ROOT_AGENTS: &str = "--allow-root-agents";
+
+/// Whether the tests run as root (effective uid 0).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
