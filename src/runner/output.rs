@@ -250,8 +250,8 @@ impl Output {
         }
     }
 
-    /// Log a chunk and fold its complete stdout lines into the summary or the last line.
-    pub async fn take(&mut self, is_stdout: bool, chunk: &[u8]) {
+    /// Run `step` with the splitter of one stream and the sink its lines go to.
+    fn split(&mut self, is_stdout: bool, step: impl FnOnce(&mut LineSplitter, &mut Sink<'_>)) {
         let splitter = if is_stdout {
             &mut self.stdout
         } else {
@@ -264,26 +264,23 @@ impl Output {
             summary: &mut self.summary,
             last_stdout: &mut self.last_stdout,
         };
-        splitter.push(chunk, |piece| sink.piece(piece));
+        step(splitter, &mut sink);
+    }
+
+    /// Log a chunk and fold its complete stdout lines into the summary or the last line.
+    pub async fn take(&mut self, is_stdout: bool, chunk: &[u8]) {
+        self.split(is_stdout, |splitter, sink| {
+            splitter.push(chunk, |piece| sink.piece(piece))
+        });
         self.write_pending().await;
     }
 
     /// The streams are done: take their unterminated last lines, flush the log.
     pub async fn finish(mut self) -> Collected {
         for is_stdout in [true, false] {
-            let splitter = if is_stdout {
-                &mut self.stdout
-            } else {
-                &mut self.stderr
-            };
-            let mut sink = Sink {
-                is_stdout,
-                codex_events: self.codex_events,
-                log: &mut self.pending,
-                summary: &mut self.summary,
-                last_stdout: &mut self.last_stdout,
-            };
-            splitter.finish(|piece| sink.piece(piece));
+            self.split(is_stdout, |splitter, sink| {
+                splitter.finish(|piece| sink.piece(piece))
+            });
         }
         self.write_pending().await;
         self.log.flush().await;

@@ -15,6 +15,15 @@ fn membership(list: &[&str]) -> Membership {
     }
 }
 
+/// The only voter of a new mesh, at time 0.
+fn founder(id: &str) -> Election {
+    let hard = HardState {
+        membership: Membership::founding(&id.into()),
+        ..HardState::default()
+    };
+    Election::new(id.into(), hard, Timing::default(), true, 0, 1)
+}
+
 fn node(id: &str, voters: &[&str], now: u64) -> Election {
     let hard = HardState {
         membership: membership(voters),
@@ -35,17 +44,7 @@ fn quorum_needs_a_majority_of_both_sides_during_a_change() {
 
 #[test]
 fn a_sole_voter_is_master_at_once() {
-    let mut e = Election::new(
-        "a".into(),
-        HardState {
-            membership: Membership::founding(&"a".into()),
-            ..HardState::default()
-        },
-        Timing::default(),
-        true,
-        0,
-        1,
-    );
+    let mut e = founder("a");
     let actions = e.tick(0);
     assert!(e.is_master(0));
     assert_eq!(e.term(), 1);
@@ -445,17 +444,7 @@ fn a_term_at_the_end_of_the_range_stops_campaigns_instead_of_wrapping() {
 
 #[test]
 fn learners_hear_the_leader_but_do_not_acknowledge() {
-    let mut a = Election::new(
-        "a".into(),
-        HardState {
-            membership: Membership::founding(&"a".into()),
-            ..HardState::default()
-        },
-        Timing::default(),
-        true,
-        0,
-        1,
-    );
+    let mut a = founder("a");
     a.tick(0);
     a.set_learners(ids(&["w", "a"]));
     let out = a.tick(1);
