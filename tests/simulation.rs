@@ -379,6 +379,7 @@ fn show_message(msg: &Message) -> String {
             ok,
             position,
         } => format!("HeartbeatAck t{term} sent@{sent_at} ok={ok} pos{position:?}"),
+        Message::WhoLeads { term } => format!("WhoLeads t{term}"),
     }
 }
 

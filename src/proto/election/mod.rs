@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::crdt::NodeId;
 pub use types::{
     Action, ChangeError, HardState, Membership, Message, Position, Refusal, Timing,
-    LEARNER_HEARTBEAT_MS, MAX_ID_LEN, MAX_TERM_LEAP, MAX_VOTERS,
+    LEARNER_HEARTBEAT_MS, LEARNER_QUIET_MS, MAX_ID_LEN, MAX_TERM_LEAP, MAX_VOTERS,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,7 +163,8 @@ impl Election {
             }
         }
         let unconfigured = self.hard.membership.all_voters().is_empty();
-        if unconfigured || self.hard.membership.is_voter(from) {
+        let question = matches!(msg, Message::WhoLeads { .. });
+        if unconfigured || question || self.hard.membership.is_voter(from) {
             return Ok(());
         }
         let vouched = matches!(msg, Message::Heartbeat { .. })
@@ -289,8 +290,24 @@ impl Election {
             }
         } else if now >= self.election_deadline && self.can_campaign() {
             self.start_pre_vote(now, &mut out);
+        } else if self.is_learner() && now >= self.leader_contact + LEARNER_QUIET_MS {
+            // The leader may be one our configuration does not know yet: the voters we know
+            // can name it (see `vouched`).
+            self.leader_contact = now;
+            self.broadcast(
+                Message::WhoLeads {
+                    term: self.hard.term,
+                },
+                &mut out,
+            );
         }
         out
+    }
+
+    /// Configured, but not a voter of its own configuration.
+    fn is_learner(&self) -> bool {
+        let m = &self.hard.membership;
+        !m.all_voters().is_empty() && !m.is_voter(&self.id)
     }
 
     fn start_pre_vote(&mut self, now: u64, out: &mut Vec<Action>) {
@@ -424,6 +441,19 @@ impl Election {
                 );
                 if self.should_step_in(from, position) {
                     self.start_pre_vote(now, &mut out);
+                }
+            }
+            Message::WhoLeads { .. } => {
+                let leader = self.leader.clone().filter(|l| l != from);
+                if leader.is_some() && self.hard.membership.is_voter(&self.id) {
+                    reply(
+                        Message::PreVoteReply {
+                            term: self.hard.term,
+                            granted: false,
+                            leader,
+                        },
+                        &mut out,
+                    );
                 }
             }
             Message::PreVoteReply {

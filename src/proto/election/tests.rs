@@ -524,3 +524,58 @@ fn a_voter_that_missed_voter_changes_follows_the_leader_a_fellow_voter_names() {
     assert_eq!(c.leader(), Some(&"d".to_string()));
     assert_eq!(c.membership(), &led_by_d);
 }
+
+#[test]
+fn a_learner_that_missed_voter_changes_asks_the_voters_it_knows_who_leads() {
+    // w learned {a, b, c}; the voters became {b, c, d}, and d (unknown to w) leads term 4.
+    let mut w = Election::new(
+        "w".into(),
+        HardState {
+            term: 2,
+            voted_for: None,
+            membership: membership(&["a", "b", "c"]),
+        },
+        Timing::default(),
+        true,
+        0,
+        5,
+    );
+    let now_led_by_d = Membership {
+        term: 3,
+        index: 4,
+        voters: ids(&["b", "c", "d"]),
+        joining: None,
+    };
+    assert!(w
+        .step(&"d".into(), heartbeat(4, now_led_by_d.clone()), 10)
+        .is_empty());
+    let quiet = w.tick(LEARNER_QUIET_MS);
+    let asked: BTreeSet<NodeId> = quiet
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                to,
+                msg: Message::WhoLeads { term: 2 },
+            } => Some(to.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, ids(&["a", "b", "c"]));
+    // b, which follows d, answers; w then takes d's heartbeats.
+    let mut b = node("b", &["b", "c", "d"], 0);
+    b.step(&"d".into(), heartbeat(4, now_led_by_d.clone()), 20);
+    let answer = b.step(&"w".into(), Message::WhoLeads { term: 2 }, 30);
+    let [Action::Send { to, msg }] = &answer[..] else {
+        panic!("{answer:?}");
+    };
+    assert_eq!(to, "w");
+    w.step(&"b".into(), msg.clone(), 40);
+    w.step(&"d".into(), heartbeat(4, now_led_by_d.clone()), 50);
+    assert_eq!(w.leader(), Some(&"d".to_string()));
+    assert_eq!(w.membership(), &now_led_by_d);
+    // A question changes nothing at a voter, and a learner's own answer counts for nothing.
+    assert_eq!(b.term(), 4);
+    assert!(w
+        .step(&"x".into(), Message::WhoLeads { term: 9 }, 60)
+        .is_empty());
+}

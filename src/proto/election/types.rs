@@ -45,7 +45,9 @@ pub const MAX_ID_LEN: usize = 128;
 /// needed to reach `u64::MAX`).
 pub const MAX_TERM_LEAP: u64 = 1 << 24;
 /// How often a leader tells the non-voting members (learners) about itself.
-pub const LEARNER_HEARTBEAT_MS: u64 = 1_000;
+pub const LEARNER_HEARTBEAT_MS: u64 = 2_000;
+/// How long a learner hears no leader before it asks the voters it knows who leads.
+pub const LEARNER_QUIET_MS: u64 = 5_000;
 
 /// Why a message was not admitted into the election.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -203,6 +205,12 @@ pub enum Message {
         /// Receiver's membership position after the heartbeat.
         position: Position,
     },
+    /// A non-voter that heard no leader for a while asks a voter it knows who leads; the
+    /// answer is a refused `PreVoteReply` naming the leader. Changes no state.
+    WhoLeads {
+        /// The asker's term.
+        term: u64,
+    },
 }
 
 impl Message {
@@ -214,7 +222,8 @@ impl Message {
             | Message::Vote { term, .. }
             | Message::VoteReply { term, .. }
             | Message::Heartbeat { term, .. }
-            | Message::HeartbeatAck { term, .. } => *term,
+            | Message::HeartbeatAck { term, .. }
+            | Message::WhoLeads { term } => *term,
         }
     }
 }
