@@ -198,14 +198,14 @@ impl Election {
     }
 
     fn quorum_since(&self, l: &LeaderState, cutoff: u64) -> bool {
-        let mut fresh: BTreeSet<NodeId> = l
-            .acked
-            .iter()
-            .filter(|(_, &sent)| sent >= cutoff)
-            .map(|(id, _)| id.clone())
-            .collect();
-        fresh.insert(self.id.clone());
-        self.hard.membership.is_quorum(&fresh)
+        self.quorum_with_us(l.acked.iter().filter(|(_, &sent)| sent >= cutoff))
+    }
+
+    /// Whether the peers of `entries`, with this node, hold a quorum.
+    fn quorum_with_us<'a, V: 'a>(&self, entries: impl Iterator<Item = (&'a NodeId, V)>) -> bool {
+        let mut ids: BTreeSet<NodeId> = entries.map(|(id, _)| id.clone()).collect();
+        ids.insert(self.id.clone());
+        self.hard.membership.is_quorum(&ids)
     }
 
     fn sole_voter(&self) -> bool {
@@ -579,14 +579,7 @@ impl Election {
         let Role::Leader(l) = &self.role else {
             return false;
         };
-        let mut holders: BTreeSet<NodeId> = l
-            .positions
-            .iter()
-            .filter(|(_, &p)| p >= position)
-            .map(|(id, _)| id.clone())
-            .collect();
-        holders.insert(self.id.clone());
-        self.hard.membership.is_quorum(&holders)
+        self.quorum_with_us(l.positions.iter().filter(|(_, &p)| p >= position))
     }
 
     /// Finish a joint change once the joint configuration is held by a quorum of both sides.
