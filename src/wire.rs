@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::proto::crdt::NodeId;
 use crate::proto::election;
 use crate::proto::ids::is_ulid;
-use crate::proto::jobs::JobRecord;
+use crate::proto::jobs::{Assignment, JobRecord};
 use crate::proto::records::Record;
 
 /// Gossipsub topic carrying state deltas and heartbeats.
@@ -76,6 +76,15 @@ pub enum Request {
     /// The master gives a job to the receiver (the record carries the assignment and its
     /// epoch). Answered with `Ack` or `Refused(reason)`.
     Assign(Box<JobRecord>),
+    /// The master of `term` asks a voter for the assignments it accepted
+    /// (`proto::dispatch::commit`). Answered with `Accepted` or `Refused`.
+    ReadAccepted {
+        /// The master's term.
+        term: u64,
+    },
+    /// The master asks a voter to accept an assignment (the record carries it) before any
+    /// worker may start it. Answered with `Ack`, `Conflict(record)` or `Refused`.
+    Commit(Box<JobRecord>),
     /// Read a job's log from `offset` (answered with `Response::Log`).
     Log {
         /// Job id.
@@ -117,7 +126,9 @@ impl Request {
             Request::Log { job, .. } | Request::StoreLog { job, .. } if !is_ulid(job) => {
                 Err("malformed job id".into())
             }
-            Request::Assign(record) if !is_ulid(&record.spec.id) => Err("malformed job id".into()),
+            Request::Assign(record) | Request::Commit(record) if !is_ulid(&record.spec.id) => {
+                Err("malformed job id".into())
+            }
             _ => Ok(()),
         }
     }
@@ -151,4 +162,8 @@ pub enum Response {
     },
     /// The request was refused (e.g. the sender was removed from the mesh).
     Refused(String),
+    /// A voter's replica shows the assignment's attempt ended or replaced: its record.
+    Conflict(Box<JobRecord>),
+    /// The assignments a voter accepted, per job.
+    Accepted(Vec<(String, Assignment)>),
 }

@@ -261,6 +261,7 @@ fn assigned_job(id: &str, node: &str, epoch: u64, by: &str) -> JobRecord {
             result: None,
             stamp: stamp(by),
         }),
+        attempts: Default::default(),
     }
 }
 

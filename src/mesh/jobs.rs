@@ -102,9 +102,30 @@ pub struct JobView {
     pub result: Option<JobResult>,
     /// When the status last changed (Unix ms).
     pub updated_at_ms: u64,
+    /// Every attempt so far, the current one last.
+    pub attempts: Vec<AttemptView>,
     /// The spec.
     #[serde(flatten)]
     pub spec: JobSpec,
+}
+
+/// One attempt of a job as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttemptView {
+    /// Attempt number (1 for the first).
+    pub attempt: u32,
+    /// Node that ran (or was given) it.
+    pub node: Option<String>,
+    /// Name of that node.
+    pub node_name: Option<String>,
+    /// How it stands or ended.
+    pub status: JobStatus,
+    /// Why it ended that way.
+    pub reason: Option<String>,
+    /// When its node started it (Unix ms).
+    pub started_at: Option<u64>,
+    /// When it ended (Unix ms).
+    pub ended_at: Option<u64>,
 }
 
 /// One page of jobs.
@@ -157,8 +178,46 @@ impl Mesh {
             reason: progress.reason.clone(),
             result: progress.result.clone(),
             updated_at_ms: progress.stamp.at.wall_ms,
+            attempts: self.attempt_views(job),
             spec: job.spec.clone(),
         }
+    }
+
+    fn attempt_views(&self, job: &JobRecord) -> Vec<AttemptView> {
+        let progress = &job.progress.0;
+        let current_node = job
+            .assignment
+            .as_ref()
+            .map(|a| &a.0)
+            .filter(|a| a.attempt == progress.attempt)
+            .map(|a| a.node.clone());
+        (1..=progress.attempt)
+            .map(|attempt| {
+                let entry = job.attempts.get(attempt);
+                let current = attempt == progress.attempt;
+                let node = match (current, entry.and_then(|e| e.node.clone())) {
+                    (true, _) if current_node.is_some() => current_node.clone(),
+                    (_, node) => node,
+                };
+                let (status, reason) = if current {
+                    (progress.status, progress.reason.clone())
+                } else {
+                    entry.map_or((JobStatus::Lost, None), |e| (e.status, e.reason.clone()))
+                };
+                let ended_at = entry.and_then(|e| e.ended_at_ms).or_else(|| {
+                    (current && progress.status.is_terminal()).then_some(progress.stamp.at.wall_ms)
+                });
+                AttemptView {
+                    attempt,
+                    node_name: node.as_ref().and_then(|n| self.node_name(n)),
+                    node,
+                    status,
+                    reason,
+                    started_at: entry.and_then(|e| e.started_at_ms),
+                    ended_at,
+                }
+            })
+            .collect()
     }
 
     /// Validate and record a new job in `queued`.
@@ -167,6 +226,7 @@ impl Mesh {
         let stamp = self.stamp();
         let record = JobRecord {
             spec: spec.clone(),
+            attempts: Default::default(),
             assignment: None,
             progress: MaxReg(Progress {
                 attempt: 1,
@@ -358,7 +418,7 @@ impl Mesh {
                     status: JobStatus::Cancelled,
                     reason: Some(format!("cancelled via {}", self.config.name)),
                     stamp,
-                    ..current
+                    ..current.clone()
                 }
             }
             JobAction::Retry => {
@@ -366,6 +426,12 @@ impl Mesh {
                     return Err(JobError::Conflict(
                         "the job has not finished; cancel it first to retry".into(),
                     ));
+                }
+                if current.attempt >= crate::proto::attempts::MAX_ATTEMPTS {
+                    return Err(JobError::Conflict(format!(
+                        "the job has had {} attempts, the most allowed",
+                        current.attempt
+                    )));
                 }
                 Progress {
                     attempt: current.attempt + 1,
@@ -377,10 +443,38 @@ impl Mesh {
                 }
             }
         };
-        let record = JobRecord {
+        let mut record = JobRecord {
             progress: MaxReg(progress),
             ..job
         };
+        let wall = unix_ms();
+        match action {
+            JobAction::Cancel => {
+                let reason = record.progress.0.reason.clone();
+                let stamp = self.stamp();
+                record.attempts.ended(
+                    current.attempt,
+                    None,
+                    JobStatus::Cancelled,
+                    reason,
+                    wall,
+                    stamp,
+                );
+            }
+            JobAction::Retry => {
+                if record.attempts.get(current.attempt).is_none_or(|e| e.ended_at_ms.is_none()) {
+                    let stamp = self.stamp();
+                    record.attempts.ended(
+                        current.attempt,
+                        None,
+                        current.status,
+                        current.reason.clone(),
+                        wall,
+                        stamp,
+                    );
+                }
+            }
+        }
         self.commit_local(
             Key::Job(id.to_string()).encode(),
             Record::Job(Box::new(record)),

@@ -9,6 +9,7 @@
 //! * Election: [`crate::proto::election`] over request-response; the master writes the lease
 //!   record and manages the voters.
 
+pub mod clock;
 pub mod handle;
 pub mod jobs;
 mod liveness;
@@ -37,7 +38,7 @@ use crate::proto::hlc::HlcClock;
 use crate::proto::records::{Key, MasterInfo, NodeAdmin, NodeInfo, Record};
 use crate::proto::state::ReplicatedState;
 use crate::proto::voters::{desired_voters, Candidate};
-use crate::runner::{JobUpdate, RunHandle, RunnerConfig};
+use crate::runner::{JobUpdate, RunnerConfig};
 use crate::store::{Store, StoreError};
 use crate::sysinfo::MachineInfo;
 use crate::wire::{Gossip, Response};
@@ -121,6 +122,18 @@ pub enum Purpose {
         /// Assignment key.
         key: (u64, u64),
     },
+    /// Asking a voter to accept an assignment: which job, under which (epoch, seq).
+    Commit {
+        /// Job id.
+        job: String,
+        /// Assignment key.
+        key: (u64, u64),
+    },
+    /// Asking a voter for the assignments it accepted, for the read of `term`.
+    Read {
+        /// The master's term.
+        term: u64,
+    },
     /// Election message: answer is only an acknowledgement.
     Election,
     /// Anti-entropy step 1.
@@ -169,7 +182,10 @@ pub struct Mesh {
     next_voter_check: u64,
     next_schedule: u64,
     scheduler: scheduler::SchedulerState,
-    runs: HashMap<String, (u32, (u64, u64), RunHandle)>,
+    runs: HashMap<String, runs::Run>,
+    refused_assignments: std::collections::BTreeMap<String, (u64, u64)>,
+    term_ahead: Option<(u64, u64)>,
+    accepted: crate::proto::dispatch::commit::Accepted,
     rng: u64,
 }
 
@@ -258,6 +274,9 @@ impl Mesh {
                 s
             }
         };
+        let accepted = store
+            .get_meta(scheduler::ACCEPTED_META)?
+            .unwrap_or_default();
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>());
         let election = Election::new(
             id.clone(),
@@ -302,6 +321,9 @@ impl Mesh {
             next_schedule: 0,
             scheduler: scheduler::SchedulerState::default(),
             runs: HashMap::new(),
+            refused_assignments: BTreeMap::new(),
+            term_ahead: None,
+            accepted,
             rng: seed | 1,
         };
         Ok((mesh, handle))
@@ -312,6 +334,7 @@ impl Mesh {
         let Some(mut inputs) = self.inputs_rx.take() else {
             return;
         };
+        self.reconcile_at_start(Vec::new());
         for addr in self.bootstrap.clone() {
             self.client.dial(peer_of(&addr), vec![addr]);
         }
@@ -346,6 +369,18 @@ impl Mesh {
         self.rng
     }
 
+    /// Whether this node may act as master now: it holds the lease (see
+    /// `Election::is_master`).
+    /// It does not while it heard of a newer term than its own within a lease length (a
+    /// real newer term keeps the quorum from acknowledging this node, so its lease lapses
+    /// within that time anyway).
+    fn acting_master(&self, now: u64) -> bool {
+        let doubt = self
+            .term_ahead
+            .is_some_and(|(epoch, until)| epoch > self.election.term() && now < until);
+        self.election.is_master(now) && !doubt
+    }
+
     fn stamp(&mut self) -> Stamp {
         Stamp {
             at: self.clock.tick(unix_ms()),
@@ -359,7 +394,7 @@ impl Mesh {
         let now = self.now();
         let actions = self.election.tick(now);
         self.execute(actions);
-        let is_master = self.election.is_master(now);
+        let is_master = self.acting_master(now);
         Metrics::set(&self.metrics.is_master, is_master as u64);
         Metrics::set(&self.metrics.election_term, self.election.term());
         if is_master {
@@ -527,6 +562,7 @@ impl Mesh {
         let mut changed: BTreeMap<String, Record> = BTreeMap::new();
         for (key, record) in records {
             if let Err(e) = self.vouch(&record) {
+                self.note_term_ahead(&record);
                 Metrics::inc(&self.metrics.wire_dropped);
                 tracing::debug!("refused a record from a peer: {e}");
                 continue;

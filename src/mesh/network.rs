@@ -167,6 +167,8 @@ impl Mesh {
                 }
             }
             Request::Assign(record) => self.accept_assignment(&record, &peer.to_string()),
+            Request::Commit(record) => self.judge_commit(&peer.to_string(), &record),
+            Request::ReadAccepted { term } => self.answer_read(&peer.to_string(), term),
             Request::Log { job, offset } => self.serve_log(&job, offset),
             Request::StoreLog { job, offset, data } => self.store_log(&job, offset, &data),
             Request::SyncPush(records) => {
@@ -221,6 +223,10 @@ impl Mesh {
             (purpose @ Purpose::Assign { .. }, result) => {
                 self.on_assign_answer(peer, purpose, result)
             }
+            (purpose @ Purpose::Commit { .. }, result) => {
+                self.on_commit_answer(peer, purpose, result)
+            }
+            (purpose @ Purpose::Read { .. }, result) => self.on_read_answer(peer, purpose, result),
             (Purpose::Election, Ok(Response::Election(replies))) => {
                 if replies.len() > 8 {
                     Metrics::inc(&self.metrics.wire_dropped);

@@ -1,34 +1,32 @@
-//! The scheduler, run by the master: queued jobs in submission order go to nodes chosen by
-//! [`crate::proto::schedule::choose`]; the assignment carries the lease epoch and goes to the
-//! worker by request-response; a refusal or failure puts the job back in the queue for another
-//! node; jobs on a node that went offline are marked `lost` and re-queued once.
+//! The scheduler's runtime half, run by the master: it feeds [`Dispatcher`] the replicated
+//! jobs and members, and carries out its steps: writes, commits at the voters (this node
+//! included) and deliveries to workers. The lease is checked again before every commit and
+//! delivery, not once per round. Voters answer commits here too ([`Mesh::judge_commit`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use libp2p::PeerId;
 
-use super::{Mesh, Purpose};
-use crate::proto::crdt::{MaxReg, NodeId};
-use crate::proto::jobs::{Assignment, JobRecord, JobStatus, Progress};
+use super::{unix_ms, Mesh, Purpose};
+use crate::proto::crdt::NodeId;
+use crate::proto::dispatch::commit::{self, Refusal, MAX_READ_ENTRIES};
+use crate::proto::dispatch::worker::Fence;
+use crate::proto::dispatch::{is_open, CommitAnswer, DeliverAnswer, Dispatcher, Step, World};
+use crate::proto::jobs::JobRecord;
 use crate::proto::records::{Key, Record};
-use crate::proto::schedule::{choose, Decision, NodeLoad};
+use crate::proto::schedule::NodeLoad;
 use crate::wire::{Request, Response};
 
 /// How often the master looks at the queue without being woken (for waits that end by time:
-/// a node coming back, a refusal backoff running out).
+/// a node coming back, a refusal backoff running out, an answer that is due).
 pub const SCHEDULE_EVERY_MS: u64 = 250;
-/// How long a node that refused a job is skipped for it.
-const REFUSAL_BACKOFF_MS: u64 = 10_000;
+/// Store meta key of the assignments this node accepted as a voter.
+pub const ACCEPTED_META: &str = "accepted_assignments";
 
 /// The master's scheduling bookkeeping (in memory: a new master starts afresh).
 #[derive(Debug, Default)]
 pub struct SchedulerState {
-    /// Sequence number of the last assignment made in the current epoch.
-    seq: u64,
-    /// Epoch `seq` belongs to.
-    epoch: u64,
-    /// Per job: nodes that refused it, until when.
-    refusals: HashMap<String, Vec<(NodeId, u64)>>,
+    dispatcher: Dispatcher,
     /// Something changed that may let a queued job run: schedule after the current input.
     woken: bool,
 }
@@ -40,84 +38,67 @@ impl SchedulerState {
     }
 }
 
-fn is_active(status: JobStatus) -> bool {
-    matches!(
-        status,
-        JobStatus::Assigned | JobStatus::Preparing | JobStatus::Running
-    )
-}
-
-/// The node running a job's current attempt, if it is active.
-fn active_node(job: &JobRecord) -> Option<&NodeId> {
-    let progress = &job.progress.0;
-    let assignment = &job.assignment.as_ref()?.0;
-    (is_active(progress.status) && assignment.attempt == progress.attempt)
-        .then_some(&assignment.node)
-}
-
 impl Mesh {
-    fn next_assignment_key(&mut self) -> (u64, u64) {
-        let epoch = self.election.term();
-        let s = &mut self.scheduler;
-        if s.epoch != epoch {
-            s.epoch = epoch;
-            s.seq = 0;
-        }
-        s.seq += 1;
-        (epoch, s.seq)
-    }
-
-    /// Jobs not finished yet (queued or active): all a scheduling round needs. Finished ones,
-    /// with their results, are left uncopied.
+    /// Jobs the scheduler still has work for (see [`is_open`]). Finished ones, with their
+    /// results, are left uncopied.
     fn open_jobs(&self) -> Vec<JobRecord> {
+        let requeues = self.config.lost_requeues;
         self.state
             .with_prefix("job/")
             .filter_map(|(_, r)| match r {
-                Record::Job(job) if !job.progress.0.status.is_terminal() => Some((**job).clone()),
+                Record::Job(job) if is_open(job, requeues) => Some((**job).clone()),
                 _ => None,
             })
             .collect()
     }
 
-    fn node_loads(&self, jobs: &[JobRecord]) -> Vec<NodeLoad> {
-        let mut running: HashMap<&NodeId, u32> = HashMap::new();
-        for job in jobs {
-            if let Some(node) = active_node(job) {
-                *running.entry(node).or_default() += 1;
-            }
-        }
-        self.node_views()
+    /// Members as the dispatcher sees them, and when each one's process started.
+    fn dispatch_members(&self) -> (Vec<NodeLoad>, BTreeMap<NodeId, u64>) {
+        let mut started = BTreeMap::new();
+        let loads = self
+            .node_views()
             .into_iter()
-            .map(|n| NodeLoad {
-                running: running.get(&n.id).copied().unwrap_or(0),
-                id: n.id,
-                name: n.name,
-                tags: n.tags,
-                slots: n.slots,
-                online: n.online,
-                draining: n.draining,
-                removed: n.removed,
-                agents: n.agents,
-                local_repos: n.local_repos,
+            .map(|n| {
+                started.insert(n.id.clone(), n.started_at_ms);
+                NodeLoad {
+                    running: 0,
+                    id: n.id,
+                    name: n.name,
+                    tags: n.tags,
+                    slots: n.slots,
+                    online: n.online,
+                    draining: n.draining,
+                    removed: n.removed,
+                    agents: n.agents,
+                    local_repos: n.local_repos,
+                }
             })
-            .collect()
+            .collect();
+        (loads, started)
     }
 
-    fn write_progress(
-        &mut self,
-        job: &JobRecord,
-        progress: Progress,
-        assignment: Option<Assignment>,
-    ) {
-        let record = JobRecord {
-            spec: job.spec.clone(),
-            assignment: assignment.map(MaxReg).or_else(|| job.assignment.clone()),
-            progress: MaxReg(progress),
+    /// Run `f` with the dispatcher and a [`World`] of this moment.
+    fn with_dispatcher<R>(&mut self, f: impl FnOnce(&mut Dispatcher, &mut World<'_>) -> R) -> R {
+        let (nodes, started) = self.dispatch_members();
+        let mut dispatcher = std::mem::take(&mut self.scheduler.dispatcher);
+        let now = self.now();
+        let me = self.id.clone();
+        let term = self.election.term();
+        let lost_requeues = self.config.lost_requeues;
+        let mut stamp = || self.stamp();
+        let mut world = World {
+            now,
+            wall_ms: unix_ms(),
+            me: &me,
+            term,
+            nodes: &nodes,
+            started_at_ms: &started,
+            lost_requeues,
+            stamp: &mut stamp,
         };
-        let key = Key::Job(job.spec.id.clone()).encode();
-        if let Err(e) = self.commit_local(key, Record::Job(Box::new(record))) {
-            tracing::error!("scheduler cannot record job {}: {e}", job.spec.id);
-        }
+        let result = f(&mut dispatcher, &mut world);
+        self.scheduler.dispatcher = dispatcher;
+        result
     }
 
     /// Run a scheduling round if one was asked for and this node acts as master.
@@ -127,239 +108,297 @@ impl Mesh {
         }
         self.scheduler.woken = false;
         let now = self.now();
-        if self.election.is_master(now) {
+        if self.acting_master(now) {
             self.next_schedule = now + SCHEDULE_EVERY_MS;
-            self.schedule(now);
+            let jobs = self.open_jobs();
+            let steps = self.with_dispatcher(|d, world| d.round(&jobs, world));
+            self.run_steps(steps);
             // Records written by this round wake the scheduler again; nothing is left to do.
             self.scheduler.woken = false;
         }
     }
 
-    /// One scheduling round. Only call while this node acts as master.
-    fn schedule(&mut self, now: u64) {
-        let mut jobs = self.open_jobs();
-        if self.handle_lost_jobs(&jobs, now) {
-            jobs = self.open_jobs();
-        }
-        let mut loads = self.node_loads(&jobs);
-        let mut queued: Vec<&JobRecord> = jobs
-            .iter()
-            .filter(|j| j.progress.0.status == JobStatus::Queued)
-            .collect();
-        queued.sort_by(|a, b| {
-            (a.spec.submitted_at_ms, &a.spec.id).cmp(&(b.spec.submitted_at_ms, &b.spec.id))
-        });
-        for job in queued {
-            let skip: Vec<NodeId> = self
-                .scheduler
-                .refusals
-                .get(&job.spec.id)
-                .map(|r| {
-                    r.iter()
-                        .filter(|(_, until)| *until > now)
-                        .map(|(n, _)| n.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
-            match choose(&job.spec, &loads, &skip) {
-                Decision::Assign(node) => {
-                    if let Some(load) = loads.iter_mut().find(|l| l.id == node) {
-                        load.running += 1;
+    /// Carry out the dispatcher's steps (and those that local answers lead to).
+    fn run_steps(&mut self, steps: Vec<Step>) {
+        let mut queue: VecDeque<Step> = steps.into();
+        while let Some(step) = queue.pop_front() {
+            match step {
+                Step::Write(record) => {
+                    let key = Key::Job(record.spec.id.clone()).encode();
+                    if let Err(e) = self.commit_local(key, Record::Job(record)) {
+                        tracing::error!("scheduler cannot record a job: {e}");
                     }
-                    self.assign(job, node);
                 }
-                Decision::Wait(reason) => {
-                    if job.progress.0.reason.as_deref() != Some(reason.as_str()) {
-                        let progress = Progress {
-                            reason: Some(reason),
-                            stamp: self.stamp(),
-                            ..job.progress.0.clone()
-                        };
-                        self.write_progress(job, progress, None);
+                Step::Read => {
+                    if !self.acting_master(self.now()) {
+                        continue;
+                    }
+                    let term = self.election.term();
+                    let me = self.id.clone();
+                    for voter in self.election.membership().all_voters() {
+                        if voter == me {
+                            if let Response::Accepted(entries) = self.answer_read(&me, term) {
+                                let membership = self.election.membership().clone();
+                                self.scheduler.dispatcher.on_read_answer(
+                                    term,
+                                    &me,
+                                    entries,
+                                    &|set| membership.is_quorum(set),
+                                );
+                            }
+                            continue;
+                        }
+                        if let Ok(peer) = voter.parse::<PeerId>() {
+                            self.send(peer, Request::ReadAccepted { term }, Purpose::Read { term });
+                        }
+                    }
+                    if self.scheduler.dispatcher.ready(term) {
+                        self.scheduler.wake();
+                    }
+                }
+                Step::Commit(record) => {
+                    if !self.acting_master(self.now()) {
+                        continue;
+                    }
+                    let id = record.spec.id.clone();
+                    let key = record.progress.0.assignment;
+                    let me = self.id.clone();
+                    for voter in self.election.membership().all_voters() {
+                        if voter == me {
+                            let answer = match self.judge_commit(&me, &record) {
+                                Response::Ack => CommitAnswer::Accepted,
+                                Response::Conflict(theirs) => CommitAnswer::Conflict(theirs),
+                                other => CommitAnswer::Unclear(format!("{other:?}")),
+                            };
+                            queue.extend(self.commit_answered(&id, key, &me, answer));
+                            continue;
+                        }
+                        match voter.parse::<PeerId>() {
+                            Ok(peer) => self.send(
+                                peer,
+                                Request::Commit(record.clone()),
+                                Purpose::Commit {
+                                    job: id.clone(),
+                                    key,
+                                },
+                            ),
+                            Err(_) => tracing::warn!("voter with an invalid id {voter}"),
+                        }
+                    }
+                }
+                Step::Deliver(record) => {
+                    if !self.acting_master(self.now()) {
+                        continue;
+                    }
+                    let Some(node) = record.assignment.as_ref().map(|a| a.0.node.clone()) else {
+                        continue;
+                    };
+                    let purpose = Purpose::Assign {
+                        job: record.spec.id.clone(),
+                        key: record.progress.0.assignment,
+                    };
+                    tracing::info!(job = %record.spec.id, %node, key = ?record.progress.0.assignment, "assigning");
+                    // FAULT: assignment-committed
+                    if node == self.id {
+                        let from = self.id.clone();
+                        let response = self.accept_assignment(&record, &from);
+                        queue.extend(self.assign_answered(purpose, Ok(response)));
+                    } else {
+                        match node.parse::<PeerId>() {
+                            Ok(peer) => self.send(peer, Request::Assign(record), purpose),
+                            Err(_) => queue
+                                .extend(self.assign_answered(purpose, Err("bad node id".into()))),
+                        }
                     }
                 }
             }
         }
+    }
+
+    fn commit_answered(
+        &mut self,
+        id: &str,
+        key: (u64, u64),
+        voter: &NodeId,
+        answer: CommitAnswer,
+    ) -> Vec<Step> {
+        let now = self.now();
+        let membership = self.election.membership().clone();
         self.scheduler
-            .refusals
-            .retain(|_, r| r.iter().any(|(_, until)| *until > now));
+            .dispatcher
+            .on_commit_answer(id, key, voter, answer, now, &|set| {
+                membership.is_quorum(set)
+            })
     }
 
-    fn assign(&mut self, job: &JobRecord, node: NodeId) {
-        let (epoch, seq) = self.next_assignment_key();
-        let attempt = job.progress.0.attempt;
-        let assignment = Assignment {
-            epoch,
-            seq,
-            attempt,
-            node: node.clone(),
-        };
-        let progress = Progress {
-            attempt,
-            assignment: (epoch, seq),
-            status: JobStatus::Assigned,
-            reason: None,
-            result: None,
-            stamp: self.stamp(),
-        };
-        self.write_progress(job, progress, Some(assignment));
-        let Some(Record::Job(record)) = self
-            .state
-            .get(&Key::Job(job.spec.id.clone()).encode())
-            .cloned()
-        else {
-            return;
-        };
-        tracing::info!(job = %job.spec.id, %node, epoch, seq, "assigning");
-        let purpose = Purpose::Assign {
-            job: job.spec.id.clone(),
-            key: (epoch, seq),
-        };
-        if node == self.id {
-            let from = self.id.clone();
-            let response = self.accept_assignment(&record, &from);
-            self.on_assign_answer(self.peer_id, purpose, Ok(response));
-        } else {
-            match node.parse::<PeerId>() {
-                Ok(peer) => self.send(peer, Request::Assign(record), purpose),
-                Err(_) => self.on_assign_answer(self.peer_id, purpose, Err("bad node id".into())),
-            }
-        }
-    }
-
-    /// The worker's (or the network's) answer to an assignment.
-    pub(super) fn on_assign_answer(
+    /// A voter's answer to the read of accepted assignments.
+    pub(super) fn on_read_answer(
         &mut self,
         peer: PeerId,
         purpose: Purpose,
         result: Result<Response, String>,
     ) {
+        let Purpose::Read { term } = purpose else {
+            return;
+        };
+        let Ok(Response::Accepted(entries)) = result else {
+            return; // asked again at the next round
+        };
+        if entries.len() > MAX_READ_ENTRIES {
+            return;
+        }
+        let membership = self.election.membership().clone();
+        let dispatcher = &mut self.scheduler.dispatcher;
+        dispatcher.on_read_answer(term, &peer.to_string(), entries, &|set| {
+            membership.is_quorum(set)
+        });
+        if dispatcher.ready(term) {
+            self.scheduler.wake();
+        }
+    }
+
+    /// A voter's answer to a commit request.
+    pub(super) fn on_commit_answer(
+        &mut self,
+        peer: PeerId,
+        purpose: Purpose,
+        result: Result<Response, String>,
+    ) {
+        let Purpose::Commit { job, key } = purpose else {
+            return;
+        };
+        let answer = match result {
+            Ok(Response::Ack) => CommitAnswer::Accepted,
+            Ok(Response::Conflict(record)) if record.spec.id == job => {
+                // Take the voter's newer state through the same checks as any peer's record.
+                let key = Key::Job(job.clone()).encode();
+                self.apply_remote(vec![(key, Record::Job(record.clone()))]);
+                CommitAnswer::Conflict(record)
+            }
+            Ok(other) => CommitAnswer::Unclear(format!("{other:?}")),
+            Err(e) => CommitAnswer::Unclear(e),
+        };
+        let answer = match answer {
+            // Already merged above (or refused by the checks): nothing to write again.
+            CommitAnswer::Conflict(_) => match self.job_record(&job) {
+                Some(current) => CommitAnswer::Conflict(Box::new(current)),
+                None => CommitAnswer::Unclear("unknown job".into()),
+            },
+            other => other,
+        };
+        let steps = self.commit_answered(&job, key, &peer.to_string(), answer);
+        self.run_steps(steps);
+    }
+
+    fn assign_answered(&mut self, purpose: Purpose, result: Result<Response, String>) -> Vec<Step> {
         let Purpose::Assign { job: id, key } = purpose else {
-            return;
+            return Vec::new();
         };
-        let refusal = match result {
-            Ok(Response::Ack) => return,
-            Ok(Response::Refused(why)) => why,
-            Ok(other) => format!("unexpected answer {other:?}"),
-            Err(e) => format!("unreachable ({e})"),
+        let answer = match result {
+            Ok(Response::Ack) => DeliverAnswer::Ack,
+            Ok(Response::Refused(why)) => DeliverAnswer::Refused(why),
+            Ok(other) => DeliverAnswer::Unclear(format!("unexpected answer {other:?}")),
+            Err(e) => DeliverAnswer::Unclear(format!("unreachable ({e})")),
         };
-        let Some(Record::Job(job)) = self.state.get(&Key::Job(id.clone()).encode()).cloned() else {
-            return;
-        };
-        let current = &job.progress.0;
-        if current.assignment != key || current.status != JobStatus::Assigned {
-            return; // the job moved on meanwhile
+        if let DeliverAnswer::Refused(why) | DeliverAnswer::Unclear(why) = &answer {
+            tracing::info!(job = %id, "assignment not taken: {why}");
         }
-        let node = job
-            .assignment
-            .as_ref()
-            .map(|a| a.0.node.clone())
-            .unwrap_or_default();
-        let name = self.node_name(&node).unwrap_or_else(|| peer.to_string());
-        tracing::info!(job = %id, node = %name, "assignment refused: {refusal}");
-        let until = self.now() + REFUSAL_BACKOFF_MS;
-        self.scheduler
-            .refusals
-            .entry(id)
-            .or_default()
-            .push((node, until));
-        if !self.election.is_master(self.now()) {
-            return;
-        }
-        let progress = Progress {
-            attempt: current.attempt,
-            assignment: self.next_assignment_key(),
-            status: JobStatus::Queued,
-            reason: Some(format!("node {name} refused the job: {refusal}")),
-            result: None,
-            stamp: self.stamp(),
+        let Some(job) = self.job_record(&id) else {
+            return Vec::new();
         };
-        self.write_progress(&job, progress, None);
+        self.with_dispatcher(|d, world| d.on_deliver_answer(&job, key, answer, world))
     }
 
-    /// Mark jobs whose node went offline as lost, and re-queue them. Returns whether any was.
-    fn handle_lost_jobs(&mut self, jobs: &[JobRecord], now: u64) -> bool {
-        let mut changed = false;
-        for job in jobs {
-            let Some(node) = active_node(job).cloned() else {
-                continue;
-            };
-            if node == self.id || self.liveness.is_online(&node, now) {
-                continue;
+    /// The worker's (or the network's) answer to an assignment.
+    pub(super) fn on_assign_answer(
+        &mut self,
+        _peer: PeerId,
+        purpose: Purpose,
+        result: Result<Response, String>,
+    ) {
+        let steps = self.assign_answered(purpose, result);
+        self.run_steps(steps);
+    }
+
+    fn job_record(&self, id: &str) -> Option<JobRecord> {
+        match self.state.get(&Key::Job(id.to_string()).encode()) {
+            Some(Record::Job(job)) => Some((**job).clone()),
+            _ => None,
+        }
+    }
+
+    fn fence<'a>(&'a self, from: &'a NodeId) -> Fence<'a> {
+        Fence {
+            me: &self.id,
+            term: self.election.term(),
+            leader: self.election.leader(),
+            from,
+        }
+    }
+
+    /// A voter's answer to the read of the master of `term`: the assignments it accepted
+    /// for attempts its replica does not show as ended, once its own term is `term` (from
+    /// then on it refuses assignments of older terms).
+    pub(super) fn answer_read(&mut self, from: &NodeId, term: u64) -> Response {
+        let fence = self.fence(from);
+        if term != fence.term || fence.leader != Some(from) {
+            return Response::Refused(format!(
+                "{from} is not the leader of term {term} as this node knows it (its term is {})",
+                fence.term
+            ));
+        }
+        let state = &self.state;
+        commit::prune(&mut self.accepted, |id| {
+            match state.get(&Key::Job(id.to_string()).encode()) {
+                Some(Record::Job(job)) => Some(&**job),
+                _ => None,
             }
-            let name = self.node_name(&node).unwrap_or_else(|| node.clone());
-            let current = job.progress.0.clone();
-            let lost = Progress {
-                status: JobStatus::Lost,
-                reason: Some(format!("node {name} went offline")),
-                stamp: self.stamp(),
-                ..current.clone()
-            };
-            tracing::info!(job = %job.spec.id, node = %name, "job lost");
-            changed = true;
-            self.write_progress(job, lost, None);
-            if current.attempt <= self.config.lost_requeues {
-                let again = Progress {
-                    attempt: current.attempt + 1,
-                    assignment: (0, 0),
-                    status: JobStatus::Queued,
-                    reason: Some(format!("re-queued after node {name} went offline")),
-                    result: None,
-                    stamp: self.stamp(),
+        });
+        let entries: Vec<_> = self
+            .accepted
+            .iter()
+            .map(|(job, a)| (job.clone(), a.clone()))
+            .collect();
+        if entries.len() > MAX_READ_ENTRIES {
+            return Response::Refused(format!("more than {MAX_READ_ENTRIES} open assignments"));
+        }
+        Response::Accepted(entries)
+    }
+
+    /// A voter's check of an assignment before any worker may start it
+    /// ([`commit::accept`]): from the leader of this node's term, for an attempt its replica
+    /// does not show as ended. What it accepts is persisted before the answer.
+    pub(super) fn judge_commit(&mut self, from: &NodeId, record: &JobRecord) -> Response {
+        let id = record.spec.id.clone();
+        let current = self.job_record(&id);
+        match commit::accept(current.as_ref(), record, self.fence(from)) {
+            Ok(()) => {}
+            Err(Refusal::Malformed(why) | Refusal::Stale(why)) => return Response::Refused(why),
+            Err(Refusal::Conflict(why)) => {
+                tracing::debug!(job = %id, "commit refused: {why}");
+                return match current {
+                    Some(current) => Response::Conflict(Box::new(current)),
+                    None => Response::Refused(why),
                 };
-                self.write_progress(job, again, None);
             }
         }
-        changed
-    }
-
-    /// A worker's checks on an assignment: it comes from the master of the current term as
-    /// this node's election knows it (the fence: the term is persisted and only grows), it is
-    /// for this node, and a slot is free.
-    pub(super) fn accept_assignment(&mut self, record: &JobRecord, from: &NodeId) -> Response {
         let Some(assignment) = record.assignment.as_ref().map(|a| a.0.clone()) else {
             return Response::Refused("the assignment is missing".into());
         };
-        if assignment.node != self.id {
-            return Response::Refused("the job is assigned to another node".into());
+        let mut accepted = self.accepted.clone();
+        commit::remember(&mut accepted, &id, &assignment);
+        let state = &self.state;
+        commit::prune(&mut accepted, |id| {
+            match state.get(&Key::Job(id.to_string()).encode()) {
+                Some(Record::Job(job)) => Some(&**job),
+                _ => None,
+            }
+        });
+        // Acknowledge only what is in the store.
+        if let Err(e) = self.store.put_meta(ACCEPTED_META, &accepted) {
+            return Response::Refused(format!("the assignment could not be stored: {e}"));
         }
-        let term = self.election.term();
-        if assignment.epoch != term {
-            return Response::Refused(format!(
-                "epoch {} is not the current term {term} of this node's election",
-                assignment.epoch
-            ));
-        }
-        if self.election.leader() != Some(from) {
-            return Response::Refused(format!(
-                "{from} is not the master of term {term} as this node knows it"
-            ));
-        }
-        let key = Key::Job(record.spec.id.clone()).encode();
-        self.apply_remote(vec![(key.clone(), Record::Job(Box::new(record.clone())))]);
-        let slots = self
-            .node_views()
-            .into_iter()
-            .find(|n| n.id == self.id)
-            .map_or(self.config.slots, |n| n.slots);
-        let running = self
-            .state
-            .with_prefix("job/")
-            .filter(|(_, r)| {
-                matches!(r, Record::Job(j)
-                    if j.spec.id != record.spec.id && active_node(j) == Some(&self.id))
-            })
-            .count() as u32;
-        if running >= slots {
-            return Response::Refused(format!("all {slots} slots are busy"));
-        }
-        if let Err(why) = self.config.runner.check(&record.spec.agent) {
-            return Response::Refused(why);
-        }
-        let current = self.state.get(&key).cloned();
-        if let Some(Record::Job(job)) = current {
-            self.start_run(&job);
-        }
+        self.accepted = accepted;
         Response::Ack
     }
 }

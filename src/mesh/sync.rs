@@ -90,7 +90,11 @@ impl Mesh {
                 tracing::info!("{peer} refused anti-entropy: {reason}");
                 self.sync_sessions.remove(&peer);
             }
-            Response::Ack | Response::Election(_) | Response::Log { .. } => {
+            Response::Ack
+            | Response::Election(_)
+            | Response::Log { .. }
+            | Response::Conflict(_)
+            | Response::Accepted(_) => {
                 self.sync_sessions.remove(&peer);
             }
         }

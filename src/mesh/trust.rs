@@ -49,6 +49,34 @@ impl Mesh {
         }
     }
 
+    /// Note a record that names a newer term than this node's election (refused by
+    /// [`Mesh::vouch`]): a master of a newer term may exist, so this node stops acting as
+    /// master until its election catches up. Only terms a voter of this node's configuration
+    /// could have reached count (bounded like election messages), and only for a lease length,
+    /// so a forged record cannot stop scheduling for good.
+    pub(super) fn note_term_ahead(&mut self, record: &Record) {
+        let Record::Master(master) = record else {
+            return;
+        };
+        let (term, epoch) = (self.election.term(), master.0.epoch);
+        let plausible = epoch > term
+            && epoch - term <= crate::proto::election::MAX_TERM_LEAP
+            && self
+                .election
+                .membership()
+                .all_voters()
+                .contains(&master.0.master);
+        if plausible && self.election.is_leader() {
+            tracing::info!(
+                epoch,
+                term,
+                "a newer term may exist; not acting as master for a lease length"
+            );
+            let until = self.now() + self.config.timing.lease_ms;
+            self.term_ahead = Some((epoch, until));
+        }
+    }
+
     /// Tell the election which connected members do not vote: as leader it sends them
     /// heartbeats too, so every node knows the current term and master first-hand.
     pub(super) fn refresh_learners(&mut self) {

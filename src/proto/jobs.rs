@@ -1,13 +1,17 @@
 //! Jobs as replicated records: a write-once spec, an assignment ordered by (epoch, seq) and
 //! written only by the master, and a progress register whose merge only moves forward.
 //!
-//! Progress order (larger wins): attempt, then terminal over non-terminal, then the assignment
-//! it belongs to, then the status rank, then the stamp. So within one attempt a terminal state
-//! absorbs everything, a worker's report for an older assignment loses to the current one, and
-//! a retry (a new attempt) starts over from `queued`.
+//! Progress order (larger wins): attempt, then terminal over non-terminal; between two
+//! terminal states of one attempt the earlier stamp wins (the first end is the end: a cancel
+//! is not undone by a success reported after it, and a success that came first is not undone
+//! by a later cancel); between non-terminal states the assignment they belong to, then the
+//! status rank, then the stamp. So within one attempt a terminal state absorbs everything, a
+//! worker's report for an older assignment loses to the current one, and a retry (a new
+//! attempt) starts over from `queued`.
 
 use serde::{Deserialize, Serialize};
 
+use super::attempts::Attempts;
 use super::crdt::{Crdt, MaxReg, NodeId, Stamp};
 use super::records::MAX_TEXT_LEN;
 
@@ -288,14 +292,23 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn order_key(&self) -> (u32, bool, (u64, u64), u8, &Stamp) {
-        (
-            self.attempt,
-            self.status.is_terminal(),
-            self.assignment,
-            self.status.rank(),
-            &self.stamp,
-        )
+    fn order(&self, other: &Self) -> std::cmp::Ordering {
+        let terminal = self.status.is_terminal();
+        self.attempt
+            .cmp(&other.attempt)
+            .then(terminal.cmp(&other.status.is_terminal()))
+            .then_with(|| {
+                if terminal {
+                    // Both ended: the earlier end wins.
+                    other.stamp.cmp(&self.stamp)
+                } else {
+                    (self.assignment, self.status.rank(), &self.stamp).cmp(&(
+                        other.assignment,
+                        other.status.rank(),
+                        &other.stamp,
+                    ))
+                }
+            })
     }
 }
 
@@ -307,9 +320,9 @@ impl PartialOrd for Progress {
 
 impl Ord for Progress {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.order_key()
-            .cmp(&other.order_key())
+        self.order(other)
             // Identical keys come only from one writer reusing a stamp; stay deterministic.
+            .then_with(|| self.assignment.cmp(&other.assignment))
             .then_with(|| self.status.cmp(&other.status))
             .then_with(|| self.reason.cmp(&other.reason))
             .then_with(|| self.result.cmp(&other.result))
@@ -325,6 +338,9 @@ pub struct JobRecord {
     pub assignment: Option<MaxReg<Assignment>>,
     /// Current progress.
     pub progress: MaxReg<Progress>,
+    /// What is known of each attempt (node, end, times).
+    #[serde(default)]
+    pub attempts: Attempts,
 }
 
 impl Crdt for JobRecord {
@@ -339,7 +355,8 @@ impl Crdt for JobRecord {
         };
         let assignment = self.assignment.merge(&other.assignment);
         let progress = self.progress.merge(&other.progress);
-        spec | assignment | progress
+        let attempts = self.attempts.merge(&other.attempts);
+        spec | assignment | progress | attempts
     }
 }
 
@@ -381,7 +398,13 @@ impl JobRecord {
         if result_size > 1 << 20 {
             return Err("result too large".into());
         }
-        Ok(())
+        if self.progress.0.attempt > super::attempts::MAX_ATTEMPTS {
+            return Err(format!(
+                "more than {} attempts",
+                super::attempts::MAX_ATTEMPTS
+            ));
+        }
+        self.attempts.validate()
     }
 }
 
@@ -443,6 +466,7 @@ mod tests {
                 spec: spec(p),
                 assignment,
                 progress: MaxReg(progress),
+                attempts: Attempts::default(),
             },
         )
     }
@@ -543,6 +567,7 @@ mod tests {
     fn validation_refuses_bad_specs() {
         let good = JobRecord {
             spec: spec("fix the bug"),
+            attempts: Attempts::default(),
             assignment: None,
             progress: MaxReg(Progress {
                 attempt: 1,
@@ -564,6 +589,49 @@ mod tests {
         let mut huge = good;
         huge.spec.prompt = "x".repeat(MAX_PROMPT_BYTES + 1);
         assert!(huge.validate(&huge.spec.id.clone()).is_err());
+    }
+
+    #[test]
+    fn the_first_end_of_an_attempt_is_its_end() {
+        let at = |t, by: &str| Stamp {
+            at: Hlc {
+                wall_ms: t,
+                logical: 0,
+            },
+            by: by.into(),
+        };
+        // A cancel written at a peer that had not seen the assignment yet (old key)...
+        let cancelled = Progress {
+            attempt: 1,
+            assignment: (0, 0),
+            status: JobStatus::Cancelled,
+            reason: Some("cancelled via a".into()),
+            result: None,
+            stamp: at(10, "a"),
+        };
+        // ...is not undone by the worker's success reported after it under the real key.
+        let succeeded = Progress {
+            attempt: 1,
+            assignment: (3, 1),
+            status: JobStatus::Succeeded,
+            reason: None,
+            result: Some(JobResult::default()),
+            stamp: at(12, "w"),
+        };
+        let mut reg = MaxReg(cancelled.clone());
+        assert!(!reg.merge(&MaxReg(succeeded.clone())));
+        assert_eq!(reg.0, cancelled);
+        let mut reg = MaxReg(succeeded.clone());
+        assert!(reg.merge(&MaxReg(cancelled.clone())));
+        assert_eq!(reg.0, cancelled);
+        // A success that ended before the cancel was written stays.
+        let early = Progress {
+            stamp: at(8, "w"),
+            ..succeeded
+        };
+        let mut reg = MaxReg(cancelled);
+        assert!(reg.merge(&MaxReg(early.clone())));
+        assert_eq!(reg.0, early);
     }
 
     #[test]

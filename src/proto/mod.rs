@@ -2,7 +2,9 @@
 //! logical clock, anti-entropy summaries, master election and voter selection. Everything
 //! here is deterministic so it can be property-tested and simulated.
 
+pub mod attempts;
 pub mod crdt;
+pub mod dispatch;
 pub mod election;
 pub mod hlc;
 pub mod ids;

@@ -739,6 +739,11 @@ impl Node {
         self.wait_ready(READY_TIMEOUT)
     }
 
+    /// Environment variables for the next start (replacing the current ones).
+    pub fn set_envs(&mut self, envs: Vec<(String, String)>) {
+        self.envs = envs;
+    }
+
     /// Starts the (stopped) node again with new arguments and waits until it
     /// is ready; later restarts reuse these arguments.
     pub fn restart_with_args(&mut self, args: Vec<String>) -> &mut Node {
