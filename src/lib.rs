@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod datadir;
+pub mod faults;
 pub mod http;
 pub mod mesh;
 pub mod metrics;

@@ -269,6 +269,20 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
         data_dir: data.root(),
         workdir_root: &workdir_root,
     })?;
+    let runs_dir = data.root().join("runs");
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let io = |source| IsolationError::Io {
+            path: runs_dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&runs_dir)
+            .map_err(io)?;
+        std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
     Ok(RunnerConfig {
         repos: RepoConfig {
             mirror_root: data.root().join("mirrors"),
@@ -288,6 +302,7 @@ fn runner_config(args: &NodeArgs, data: &DataDir) -> Result<RunnerConfig, NodeEr
         },
         workdir_root,
         log_dir: data.root().join("job-logs"),
+        runs_dir,
         max_log_bytes: args.max_log_mb << 20,
         agents: Agents { codex, commands },
         retention: Retention {

@@ -523,22 +523,23 @@ pub fn chown_tree(root: &Path, uid: u32, gid: u32) -> io::Result<()> {
 /// never through a symbolic link, never blocking on a FIFO.
 pub async fn read_agent_file(path: &Path) -> Option<String> {
     let path = path.to_path_buf();
-    blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)?;
-        let meta = file.metadata()?;
-        // A regular file with one name: not a hard link to a file elsewhere.
-        if !meta.is_file() || meta.nlink() != 1 {
-            return Err(io::Error::other("not a plain file"));
-        }
-        let mut bytes = Vec::new();
-        file.take(MAX_AGENT_FILE).read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    })
-    .await
-    .ok()
+    blocking(move || read_agent_file_blocking(&path)).await.ok()
+}
+
+/// [`read_agent_file`], blocking the calling thread.
+pub fn read_agent_file_blocking(path: &Path) -> io::Result<String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    // A regular file with one name: not a hard link to a file elsewhere.
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(io::Error::other("not a plain file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_AGENT_FILE).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Leave an empty marker file at `path`, replacing whatever the agent put there (a symbolic
