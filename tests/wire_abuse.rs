@@ -329,6 +329,12 @@ async fn forged_terms_leases_assignments_and_log_paths_change_nothing() {
     refused(&peer.ask(assign).await, "not the current term");
     let assign = Request::Assign(Box::new(assigned_job(job, &me, before.epoch, &peer.id)));
     refused(&peer.ask(assign).await, "is not the master");
+    // The same job offered to the node as a voter, and a read of what it accepted: only the
+    // leader of its term may ask either.
+    let commit = Request::Commit(Box::new(assigned_job(job, &me, before.epoch, &peer.id)));
+    refused(&peer.ask(commit).await, "is not one of the leader of term");
+    let read = Request::ReadAccepted { term: before.epoch };
+    refused(&peer.ask(read).await, "is not the leader of term");
 
     // Log requests naming another file, or a job nobody submitted.
     let log = |job: &str| Request::Log {

@@ -334,7 +334,13 @@ impl Mesh {
         let Some(mut inputs) = self.inputs_rx.take() else {
             return;
         };
-        self.reconcile_at_start(Vec::new());
+        // Kill what is left of the previous process's agents, and take the results of those
+        // that had finished (blocking file and /proc reads, once, before anything else).
+        let runner = self.config.runner.clone();
+        let recovered = tokio::task::spawn_blocking(move || crate::runner::recover(&runner))
+            .await
+            .unwrap_or_default();
+        self.reconcile_at_start(recovered);
         for addr in self.bootstrap.clone() {
             self.client.dial(peer_of(&addr), vec![addr]);
         }

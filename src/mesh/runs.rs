@@ -315,13 +315,13 @@ impl Mesh {
     /// Forget the files a finished run left for recovery after a crash.
     fn forget_run_files(&self, id: &str) {
         let (config, id) = (self.config.runner.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || forget_run(&config, &id));
+        tokio::task::spawn_blocking(move || runner::forget_run(&config, &id));
     }
 
     /// At start: jobs this node was given or ran before it restarted have no run any more
     /// (agents die with the node). Each takes the outcome of an agent that had finished, or
     /// becomes `lost`, "node restarted".
-    pub(super) fn reconcile_at_start(&mut self, recovered: Vec<Recovered>) {
+    pub(super) fn reconcile_at_start(&mut self, recovered: Vec<runner::Recovered>) {
         let mine: Vec<JobRecord> = self
             .state
             .with_prefix("job/")
@@ -334,11 +334,11 @@ impl Mesh {
             })
             .collect();
         for job in mine {
-            let found = recovered.iter().find(|r| {
-                r.id == job.spec.id
-                    && r.attempt == job.progress.0.attempt
-                    && r.assignment == job.progress.0.assignment
-            });
+            // One run per job at a time; its key may be older than the record's when a new
+            // master moved the attempt to a key of its term.
+            let found = recovered
+                .iter()
+                .find(|r| r.id == job.spec.id && r.attempt == job.progress.0.attempt);
             let record = match found.and_then(|r| r.outcome.clone()) {
                 Some((status, reason, result)) => {
                     tracing::info!(job = %job.spec.id, ?status, "recovered the result of a run that ended before the restart");
@@ -372,16 +372,6 @@ impl Mesh {
         }
     }
 }
-
-/// Interim: replaced by the runner's recovery.
-pub struct Recovered {
-    id: String,
-    attempt: u32,
-    assignment: (u64, u64),
-    outcome: Option<(JobStatus, Option<String>, crate::proto::jobs::JobResult)>,
-}
-
-fn forget_run(_config: &runner::RunnerConfig, _id: &str) {}
 
 /// Where a job's log can be read.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -198,7 +198,7 @@ impl Mesh {
                         key: record.progress.0.assignment,
                     };
                     tracing::info!(job = %record.spec.id, %node, key = ?record.progress.0.assignment, "assigning");
-                    // FAULT: assignment-committed
+                    crate::faults::point("assignment-committed");
                     if node == self.id {
                         let from = self.id.clone();
                         let response = self.accept_assignment(&record, &from);

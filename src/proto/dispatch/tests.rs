@@ -156,7 +156,7 @@ fn an_assignment_is_delivered_only_after_a_quorum_accepted_it() {
     let mut fx = Fixture::new(&["w"]);
     let mut d = ready(&mut fx, Vec::new());
     let job = queued();
-    let steps = fx.round(&mut d, &[job.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&job), 0);
     let [Step::Commit(record)] = steps.as_slice() else {
         panic!("expected one commit, got {steps:?}");
     };
@@ -178,7 +178,7 @@ fn an_unclear_answer_resends_the_same_assignment_and_never_requeues() {
     let mut fx = Fixture::new(&["w"]);
     let mut d = ready(&mut fx, Vec::new());
     let job = queued();
-    let steps = fx.round(&mut d, &[job.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&job), 0);
     let Some(Step::Commit(record)) = steps.first() else {
         panic!("no commit");
     };
@@ -197,9 +197,11 @@ fn an_unclear_answer_resends_the_same_assignment_and_never_requeues() {
     let timeout = DeliverAnswer::Unclear("timed out".into());
     assert!(fx.deliver_answer(&mut d, &record, key, timeout).is_empty());
     // Not yet due again...
-    assert!(fx.round(&mut d, &[record.clone()], 500).is_empty());
+    assert!(fx
+        .round(&mut d, std::slice::from_ref(&record), 500)
+        .is_empty());
     // ...then the same assignment again, not a new one.
-    let again = fx.round(&mut d, &[record.clone()], 2_000);
+    let again = fx.round(&mut d, std::slice::from_ref(&record), 2_000);
     assert!(
         matches!(again.as_slice(), [Step::Deliver(r)] if r.progress.0.assignment == key),
         "{again:?}"
@@ -208,8 +210,10 @@ fn an_unclear_answer_resends_the_same_assignment_and_never_requeues() {
     assert!(fx
         .deliver_answer(&mut d, &record, key, DeliverAnswer::Ack)
         .is_empty());
-    assert!(fx.round(&mut d, &[record.clone()], 3_000).is_empty());
-    let recheck = fx.round(&mut d, &[record.clone()], 20_000);
+    assert!(fx
+        .round(&mut d, std::slice::from_ref(&record), 3_000)
+        .is_empty());
+    let recheck = fx.round(&mut d, std::slice::from_ref(&record), 20_000);
     assert!(
         matches!(recheck.as_slice(), [Step::Deliver(_)]),
         "{recheck:?}"
@@ -221,7 +225,7 @@ fn a_definite_refusal_requeues_the_attempt_under_a_newer_key() {
     let mut fx = Fixture::new(&["w"]);
     let mut d = ready(&mut fx, Vec::new());
     let job = queued();
-    fx.round(&mut d, &[job.clone()], 0);
+    fx.round(&mut d, std::slice::from_ref(&job), 0);
     let record = assigned(&job, (5, 1), "w", 2);
     for voter in ["m", "v"] {
         d.on_commit_answer(
@@ -255,7 +259,7 @@ fn a_new_master_keeps_an_inherited_attempt_on_its_node_under_a_key_of_its_term()
     let mut fx = Fixture::new(&["w", "x"]);
     let mut d = ready(&mut fx, Vec::new());
     let inherited = assigned(&queued(), (4, 9), "w", 2);
-    let steps = fx.round(&mut d, &[inherited.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&inherited), 0);
     assert!(
         matches!(steps.as_slice(), [Step::Commit(r)]
             if r.progress.0.assignment == (5, 1)
@@ -279,7 +283,7 @@ fn an_attempt_a_voter_reported_goes_to_the_same_node_only() {
     fx.nodes[1].running = 0;
     fx.nodes[1].draining = true;
     let mut d = ready(&mut fx, vec![(job.spec.id.clone(), earlier.clone())]);
-    let steps = fx.round(&mut d, &[job.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&job), 0);
     assert!(
         matches!(steps.as_slice(), [Step::Commit(r)]
             if r.assignment.as_ref().is_some_and(|a| a.0.node == "x")),
@@ -307,7 +311,7 @@ fn jobs_of_an_offline_or_restarted_worker_are_lost_and_requeued() {
         3,
         "w",
     );
-    let steps = fx.round(&mut d, &[running.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&running), 0);
     let [Step::Write(lost)] = steps.as_slice() else {
         panic!("{steps:?}");
     };
@@ -324,7 +328,7 @@ fn jobs_of_an_offline_or_restarted_worker_are_lost_and_requeued() {
     // Back online, but started after it reported the attempt: it has no run of it.
     let mut fx = Fixture::new(&["w"]);
     fx.started.insert("w".into(), 10);
-    let steps = fx.round(&mut d, &[running.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&running), 0);
     assert!(
         matches!(steps.as_slice(), [Step::Write(r)] if r.progress.0.attempt == 2
             && r.attempts.get(1).and_then(|e| e.reason.clone()).is_some_and(|r| r.contains("restarted"))),
@@ -346,7 +350,7 @@ fn a_job_lost_by_its_restarted_worker_is_queued_again_while_attempts_remain() {
         "w",
     );
     assert!(is_open(&lost, 1));
-    let steps = fx.round(&mut d, &[lost.clone()], 0);
+    let steps = fx.round(&mut d, std::slice::from_ref(&lost), 0);
     assert!(matches!(steps.as_slice(), [Step::Write(r)] if r.progress.0.attempt == 2));
     let mut last = lost;
     last.progress.0.attempt = 2;
