@@ -74,6 +74,14 @@ fn a_worker_restarted_within_the_offline_window_reconciles_its_jobs() {
         "{job}"
     );
     assert_eq!(attempt(&job, 1)["status"], "succeeded", "{job}");
+    // The CLI shows both attempts.
+    let out = mesh.nodes[0].cli(&["job", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("lost on n2") && text.contains("node restarted"),
+        "{text}"
+    );
+    assert!(text.contains("succeeded on n2"), "{text}");
 }
 
 #[test]

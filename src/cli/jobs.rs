@@ -172,6 +172,37 @@ async fn wait_for(api: &Api, id: &str, limit: Duration, quiet: bool) -> Result<V
     }
 }
 
+/// Earlier attempts, one line each (only when there were several).
+fn print_attempts(job: &Value) {
+    let attempts = job["attempts"].as_array().map_or(&[][..], Vec::as_slice);
+    if attempts.len() < 2 {
+        return;
+    }
+    println!("attempts");
+    for a in attempts {
+        let node = a["node_name"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| a["node"].as_str().map(short))
+            .unwrap_or_else(|| "-".into());
+        let took = match (a["started_at"].as_u64(), a["ended_at"].as_u64()) {
+            (Some(start), Some(end)) => {
+                format!(", {:.1} s", end.saturating_sub(start) as f64 / 1000.0)
+            }
+            _ => String::new(),
+        };
+        let reason = a["reason"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        println!(
+            "  {:<3} {} on {node}{took}{reason}",
+            a["attempt"],
+            a["status"].as_str().unwrap_or("?")
+        );
+    }
+}
+
 fn print_job(job: &Value) {
     let text = |v: &Value| v.as_str().unwrap_or("").to_string();
     println!("job       {}", text(&job["id"]));
@@ -190,6 +221,7 @@ fn print_job(job: &Value) {
     if let Some(reason) = job["reason"].as_str() {
         println!("reason    {reason}");
     }
+    print_attempts(job);
     let repos: Vec<String> = job["repos"]
         .as_array()
         .into_iter()
