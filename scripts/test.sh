@@ -34,6 +34,9 @@ fi
 echo "==> benchmark smoke run (debug build, 3 nodes, few samples)"
 cargo build --locked --bin codex-mesh --example mesh_bench
 "${CARGO_TARGET_DIR:-target}/debug/examples/mesh_bench" --nodes 3 --samples 5
+echo "==> chaos smoke run (debug build, 3 nodes, 20 jobs, 3 faults)"
+cargo build --locked --bin codex-mesh --example chaos
+"${CARGO_TARGET_DIR:-target}/debug/examples/chaos" --nodes 3 --jobs 20 --faults 3 --seed 1 --duration 20
 echo "==> examples/local_mesh.sh"
 examples/local_mesh.sh
 echo "tests: $totals"
