@@ -316,3 +316,52 @@ fn the_master_assigns_jobs_by_target_tag_and_free_slots() {
         j["attempt"] == 2 && j["status"] == "queued"
     });
 }
+
+#[test]
+fn a_retried_submission_with_the_same_idempotency_key_is_the_same_job() {
+    let mesh = Mesh::start_with(BIN, vec![("n1".to_string(), NodeOptions::default())]);
+    let node = &mesh.nodes[0];
+    let body = json!({"prompt": "Say hello", "agent": "codex"}).to_string();
+    let key = [("Idempotency-Key", "retry-7f3a")];
+    let post = |body: &str, headers: &[(&str, &str)]| {
+        node.api_with("POST", "/api/v1/jobs", Some(body), headers)
+            .expect("http")
+    };
+    let first = post(&body, &key);
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    let again = post(&body, &key);
+    assert_eq!(again.status, 200, "a replay answers 200: {}", again.body);
+    assert_eq!(
+        again.headers.get("idempotent-replayed").map(String::as_str),
+        Some("true")
+    );
+    let (first, again) = (json_of(first), json_of(again));
+    assert_eq!(first["id"], again["id"]);
+
+    // The same key with another request is refused and says why.
+    let other = json!({"prompt": "Say goodbye", "agent": "codex"}).to_string();
+    let refused = post(&other, &key);
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused
+            .error_message()
+            .is_some_and(|m| m.contains("Idempotency-Key") && m.contains("different job")),
+        "{}",
+        refused.body
+    );
+    // A key that is not printable ASCII, or too long, is refused naming the header.
+    let long = "k".repeat(256);
+    for bad in ["caf\u{e9}", long.as_str()] {
+        let r = post(&body, &[("Idempotency-Key", bad)]);
+        assert_eq!(r.status, 422, "{}", r.body);
+        assert!(r
+            .error_message()
+            .is_some_and(|m| m.contains("Idempotency-Key")));
+    }
+    // Without a key, the same body is a new job.
+    let fresh = json_of(post(&body, &[]));
+    assert_ne!(fresh["id"], first["id"]);
+    let list = json_of(node.api_ok("GET", "/api/v1/jobs", None));
+    assert_eq!(list["total"], 2, "{list}");
+}

@@ -246,6 +246,7 @@ fn assigned_job(id: &str, node: &str, epoch: u64, by: &str) -> JobRecord {
             },
             submitted_via: by.to_string(),
             submitted_at_ms: 1,
+            idempotency_key: None,
         },
         assignment: Some(MaxReg(Assignment {
             epoch,

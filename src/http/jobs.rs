@@ -2,14 +2,16 @@
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
-use crate::mesh::jobs::{JobAction, JobError, JobQuery, JobView, SubmitRequest};
+use crate::mesh::jobs::{
+    JobAction, JobError, JobQuery, JobView, SubmitRequest, MAX_IDEMPOTENCY_KEY_LEN,
+};
 use crate::mesh::LogSource;
 use crate::proto::jobs::{JobStatus, Origin, Sandbox};
 use crate::runner::{events, logs};
@@ -23,6 +25,7 @@ impl From<JobError> for ApiError {
             JobError::Conflict(_) => StatusCode::CONFLICT,
             JobError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JobError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            JobError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError(status, e.to_string())
     }
@@ -66,10 +69,42 @@ pub struct ListQuery {
     offset: Option<usize>,
 }
 
+/// The request header that makes a submission safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The response header that marks a submission answered with an existing job.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The `Idempotency-Key` header, checked: 1 to 255 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid Idempotency-Key header: {why}"),
+        )
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| invalid("use printable ASCII characters"))?;
+    if text.is_empty() || text.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(invalid(&format!(
+            "it must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+        )));
+    }
+    if !text.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(invalid("use printable ASCII characters"));
+    }
+    Ok(Some(text.to_string()))
+}
+
 pub(super) async fn submit(
     State(s): State<ApiState>,
+    headers: HeaderMap,
     body: Result<Json<SubmitBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let Json(body) = body?;
     let origin = match body.origin.as_deref().unwrap_or("api") {
         kind @ ("cli" | "api" | "dashboard") => Origin {
@@ -95,9 +130,14 @@ pub(super) async fn submit(
         timeout_secs: body.timeout_secs,
         idle_timeout_secs: body.idle_timeout_secs,
         origin: Some(origin),
+        idempotency_key: key,
     };
-    let view = s.mesh.submit_job(request).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    let submitted = s.mesh.submit_job(request).await?;
+    if submitted.replayed {
+        let headers = [(IDEMPOTENT_REPLAYED, "true")];
+        return Ok((StatusCode::OK, headers, Json(submitted.view)).into_response());
+    }
+    Ok((StatusCode::CREATED, Json(submitted.view)).into_response())
 }
 
 pub(super) async fn list(

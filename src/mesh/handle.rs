@@ -2,7 +2,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::jobs::{JobAction, JobError, JobList, JobQuery, JobView, SubmitRequest};
+use super::jobs::{JobAction, JobError, JobList, JobQuery, JobView, SubmitRequest, Submitted};
 use super::views::{ActionError, NodeAction, NodeView, StatusView};
 use super::Input;
 
@@ -29,7 +29,7 @@ pub enum ApiRequest {
         /// The job.
         request: Box<SubmitRequest>,
         /// The recorded job.
-        reply: oneshot::Sender<Result<JobView, JobError>>,
+        reply: oneshot::Sender<Result<Submitted, JobError>>,
     },
     /// List jobs.
     Jobs {
@@ -107,7 +107,7 @@ impl MeshHandle {
     }
 
     /// Submit a job.
-    pub async fn submit_job(&self, request: SubmitRequest) -> Result<JobView, JobError> {
+    pub async fn submit_job(&self, request: SubmitRequest) -> Result<Submitted, JobError> {
         let request = Box::new(request);
         self.ask(|reply| ApiRequest::SubmitJob { request, reply })
             .await

@@ -46,6 +46,23 @@ pub struct SubmitRequest {
     pub idle_timeout_secs: Option<u32>,
     /// Where it came from.
     pub origin: Option<Origin>,
+    /// The client's `Idempotency-Key`: a second submission with it within
+    /// [`IDEMPOTENCY_WINDOW_MS`] returns the first job.
+    pub idempotency_key: Option<String>,
+}
+
+/// How long an `Idempotency-Key` names the job it first created.
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// A submission's outcome.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    /// The job.
+    pub view: JobView,
+    /// Whether the job existed already (an `Idempotency-Key` seen before).
+    pub replayed: bool,
 }
 
 /// Filters for listing jobs.
@@ -81,6 +98,9 @@ pub enum JobError {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     Unavailable,
+    /// An `Idempotency-Key` came back with a different request.
+    #[error("{0}")]
+    KeyReused(String),
 }
 
 /// A job as the API shows it.
@@ -220,9 +240,43 @@ impl Mesh {
             .collect()
     }
 
-    /// Validate and record a new job in `queued`.
-    pub(super) fn submit_job(&mut self, request: SubmitRequest) -> Result<JobView, JobError> {
+    /// The job an `Idempotency-Key` created within the window, if any.
+    fn job_with_key(&self, key: &str, now_ms: u64) -> Option<&JobRecord> {
+        self.state
+            .with_prefix("job/")
+            .filter_map(|(_, r)| match r {
+                Record::Job(job) => Some(&**job),
+                _ => None,
+            })
+            .filter(|job| job.spec.idempotency_key.as_deref() == Some(key))
+            .filter(|job| now_ms.saturating_sub(job.spec.submitted_at_ms) < IDEMPOTENCY_WINDOW_MS)
+            .min_by(|a, b| a.spec.id.cmp(&b.spec.id))
+    }
+
+    /// Validate and record a new job in `queued` (or, for an `Idempotency-Key` seen within
+    /// the window, return the job it created).
+    pub(super) fn submit_job(&mut self, request: SubmitRequest) -> Result<Submitted, JobError> {
+        let key = request.idempotency_key.clone();
         let spec = self.job_spec(request)?;
+        if let Some(key) = &key {
+            if let Some(first) = self.job_with_key(key, spec.submitted_at_ms) {
+                let same = first.spec.prompt == spec.prompt
+                    && first.spec.target == spec.target
+                    && first.spec.repos == spec.repos
+                    && first.spec.agent == spec.agent
+                    && first.spec.model == spec.model;
+                if !same {
+                    return Err(JobError::KeyReused(format!(
+                        "the Idempotency-Key {key:?} was used for a different job ({}); use a new key for a new job",
+                        first.spec.id
+                    )));
+                }
+                return Ok(Submitted {
+                    view: self.job_view(first),
+                    replayed: true,
+                });
+            }
+        }
         let stamp = self.stamp();
         let record = JobRecord {
             spec: spec.clone(),
@@ -241,7 +295,10 @@ impl Mesh {
         self.commit_local(key, Record::Job(Box::new(record)))
             .map_err(|e| JobError::Store(e.to_string()))?;
         self.job(&spec.id)
-            .map(|job| self.job_view(job))
+            .map(|job| Submitted {
+                view: self.job_view(job),
+                replayed: false,
+            })
             .ok_or(JobError::NotFound(spec.id))
     }
 
@@ -353,6 +410,7 @@ impl Mesh {
             origin,
             submitted_via: self.id.clone(),
             submitted_at_ms: now,
+            idempotency_key: request.idempotency_key,
         })
     }
 
@@ -462,7 +520,11 @@ impl Mesh {
                 );
             }
             JobAction::Retry => {
-                if record.attempts.get(current.attempt).is_none_or(|e| e.ended_at_ms.is_none()) {
+                if record
+                    .attempts
+                    .get(current.attempt)
+                    .is_none_or(|e| e.ended_at_ms.is_none())
+                {
                     let stamp = self.stamp();
                     record.attempts.ended(
                         current.attempt,

@@ -108,6 +108,10 @@ pub struct JobSpec {
     pub submitted_via: NodeId,
     /// Submission time (Unix ms): the scheduler's FIFO order.
     pub submitted_at_ms: u64,
+    /// The client's `Idempotency-Key`, if it sent one: the same key within a day is the
+    /// same job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl JobSpec {
@@ -139,6 +143,7 @@ impl JobSpec {
             },
             submitted_via: "n1".into(),
             submitted_at_ms: 1,
+            idempotency_key: None,
         }
     }
 }
@@ -378,7 +383,8 @@ impl JobRecord {
             .iter()
             .flat_map(|r| std::iter::once(&r.source).chain(r.branch.iter()))
             .chain([&spec.agent, &spec.origin.kind])
-            .chain(spec.model.iter());
+            .chain(spec.model.iter())
+            .chain(spec.idempotency_key.iter());
         for text in texts {
             if text.len() > MAX_TEXT_LEN {
                 return Err("a field is too long".into());

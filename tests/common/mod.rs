@@ -55,6 +55,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct HttpResponse {
     pub status: u16,
     pub body: String,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
 }
 
 impl HttpResponse {
@@ -99,6 +101,17 @@ pub fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> io::Result<HttpResponse> {
+    http_request_with(method, url, token, body, &[])
+}
+
+/// Like [`http_request`], with extra request headers.
+pub fn http_request_with(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> io::Result<HttpResponse> {
     let (host, path) = split_url(url)?;
     let addr = host
         .to_socket_addrs()?
@@ -108,7 +121,7 @@ pub fn http_request(
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    stream.write_all(&build_request(method, host, path, token, body))?;
+    stream.write_all(&build_request(method, host, path, token, body, headers))?;
     read_response(&mut stream)
 }
 
@@ -130,9 +143,13 @@ fn build_request(
     path: &str,
     token: Option<&str>,
     body: Option<&str>,
+    headers: &[(&str, &str)],
 ) -> Vec<u8> {
     let mut head =
         format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAccept: */*\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(token) = token {
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
@@ -195,6 +212,7 @@ fn parse_response(raw: &[u8], eof: bool) -> io::Result<Option<HttpResponse>> {
     Ok(body.map(|body| HttpResponse {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
+        headers,
     }))
 }
 
@@ -593,6 +611,27 @@ impl Node {
             &format!("{}{path}", endpoint.url),
             Some(&endpoint.token),
             body,
+        )
+    }
+
+    /// Authenticated request with extra headers.
+    pub fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> io::Result<HttpResponse> {
+        let endpoint = self
+            .api
+            .as_ref()
+            .ok_or_else(|| io::Error::other(format!("{} is not ready", self.name)))?;
+        http_request_with(
+            method,
+            &format!("{}{path}", endpoint.url),
+            Some(&endpoint.token),
+            body,
+            headers,
         )
     }
 
