@@ -365,3 +365,37 @@ fn a_retried_submission_with_the_same_idempotency_key_is_the_same_job() {
     let list = json_of(node.api_ok("GET", "/api/v1/jobs", None));
     assert_eq!(list["total"], 2, "{list}");
 }
+
+#[test]
+fn a_log_read_at_a_peer_answers_while_the_worker_is_unreachable() {
+    let agent = ["--agent", "chatty=sh -c 'echo started; sleep 120'"];
+    let specs = vec![
+        ("n1".to_string(), NodeOptions::with_extra(&agent)),
+        ("n2".to_string(), NodeOptions::with_extra(&agent)),
+    ];
+    let mesh = Mesh::start_with(BIN, specs);
+    let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+    poll(WAIT, "n1 to see n2 online", || {
+        let nodes = n1.nodes()?;
+        (nodes.iter().filter(|n| n.online).count() == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
+    let id = submit_job(n1, json!({"prompt": "x", "agent": "chatty", "node": "n2"}));
+    let path = format!("/api/v1/jobs/{id}/log");
+    poll(WAIT, "the log to show the agent's first line", || {
+        let log = n1.api_ok("GET", &path, None);
+        log.body.contains("started").then_some(()).ok_or(log.body)
+    });
+    n2.stop();
+    // The worker cannot answer: n1 says so at once instead of waiting for the network's
+    // 10 s timeout (the master, n1 itself, has no copy while the job runs).
+    let asked = std::time::Instant::now();
+    let log = n1.api("GET", &path, None).expect("log read");
+    let took = asked.elapsed();
+    n2.cont();
+    assert_eq!(log.status, 200, "{}", log.body);
+    let note = log.headers.get("x-log-note").cloned().unwrap_or_default();
+    assert!(note.contains("unreachable"), "{:?}", log.headers);
+    assert!(took < Duration::from_secs(5), "the read took {took:?}");
+}

@@ -195,31 +195,86 @@ pub struct LogQuery {
     offset: Option<u64>,
 }
 
+/// How long one peer may take to answer a log read.
+const LOG_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(400);
+/// How long a log read may take in all before it answers with what it has.
+const LOG_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis(900);
+
+/// A piece of a job's log.
+struct LogChunk {
+    data: Vec<u8>,
+    /// The log's size where it was read.
+    size: u64,
+    /// Said when the reader could not reach the peer that has the freshest log.
+    note: Option<String>,
+}
+
 /// Up to 256 KiB of job `id`'s log from `offset`, and the log's size. Reads this peer's copy,
-/// or asks the worker, then the master; no log anywhere yet reads as empty.
-async fn fetch_log(s: &ApiState, id: &str, offset: u64) -> Result<(Vec<u8>, u64), ApiError> {
+/// or asks the worker, then the master, each for a short time (so an unreachable worker
+/// delays the answer by well under a second); no log anywhere yet reads as empty.
+async fn fetch_log(s: &ApiState, id: &str, offset: u64) -> Result<LogChunk, ApiError> {
     let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
-    match s.mesh.log_source(id.to_string()).await? {
+    let peers = match s.mesh.log_source(id.to_string()).await? {
         LogSource::Local(path) => {
-            tokio::task::spawn_blocking(move || logs::read_chunk(&path, offset, logs::CHUNK_BYTES))
-                .await
-                .map_err(|e| internal(e.to_string()))?
-                .map_err(|e| internal(format!("cannot read the log: {e}")))
+            let (data, size) = tokio::task::spawn_blocking(move || {
+                logs::read_chunk(&path, offset, logs::CHUNK_BYTES)
+            })
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(|e| internal(format!("cannot read the log: {e}")))?;
+            return Ok(LogChunk {
+                data,
+                size,
+                note: None,
+            });
         }
-        LogSource::Remote(peers) => {
-            for peer in peers {
-                let request = Request::Log {
-                    job: id.to_string(),
-                    offset,
-                };
-                if let Ok(Ok(PeerResponse::Log { data, size })) = s.net.request(peer, request).await
-                {
-                    return Ok((data, size));
-                }
+        LogSource::Remote(peers) => peers,
+    };
+    let started = tokio::time::Instant::now();
+    let mut unreachable: Vec<String> = Vec::new();
+    for peer in peers {
+        let left = LOG_READ_BUDGET.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let request = Request::Log {
+            job: id.to_string(),
+            offset,
+        };
+        let answer =
+            tokio::time::timeout(LOG_PEER_TIMEOUT.min(left), s.net.request(peer, request)).await;
+        match answer {
+            Ok(Ok(Ok(PeerResponse::Log { data, size }))) => {
+                let note = (!unreachable.is_empty()).then(|| {
+                    format!(
+                        "node {} is unreachable; showing the copy of node {}",
+                        unreachable.join(", "),
+                        short_peer(&peer)
+                    )
+                });
+                return Ok(LogChunk { data, size, note });
             }
-            Ok((Vec::new(), 0))
+            // It answered but has no log (say, the master before the copy): try the next.
+            Ok(Ok(Ok(_))) => {}
+            _ => unreachable.push(short_peer(&peer)),
         }
     }
+    let note = (!unreachable.is_empty()).then(|| {
+        format!(
+            "the log is not available right now: node {} is unreachable",
+            unreachable.join(", ")
+        )
+    });
+    Ok(LogChunk {
+        data: Vec::new(),
+        size: 0,
+        note,
+    })
+}
+
+fn short_peer(peer: &libp2p::PeerId) -> String {
+    let text = peer.to_string();
+    text[text.len().saturating_sub(8)..].to_string()
 }
 
 /// Up to 256 KiB of a job's log from `offset`, as text, with the log's size in `x-log-size`.
@@ -230,8 +285,8 @@ pub(super) async fn log(
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let (data, size) = fetch_log(&s, &id, query.offset.unwrap_or(0)).await?;
-    Ok((
+    let chunk = fetch_log(&s, &id, query.offset.unwrap_or(0)).await?;
+    let mut response = (
         [
             (
                 axum::http::header::CONTENT_TYPE,
@@ -239,12 +294,21 @@ pub(super) async fn log(
             ),
             (
                 axum::http::HeaderName::from_static("x-log-size"),
-                size.to_string(),
+                chunk.size.to_string(),
             ),
         ],
-        data,
+        chunk.data,
     )
-        .into_response())
+        .into_response();
+    if let Some(value) = chunk
+        .note
+        .and_then(|n| axum::http::HeaderValue::from_str(&n).ok())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::HeaderName::from_static("x-log-note"), value);
+    }
+    Ok(response)
 }
 
 /// How often the event stream looks for news.
@@ -260,12 +324,15 @@ struct EventState {
     partial_line: Vec<u8>,
     finished: bool,
     pending: std::collections::VecDeque<Event>,
+    /// The last `note` event sent.
+    note: Option<String>,
 }
 
 /// Live events of a job as server-sent events: `job` (the job object, whenever its status,
 /// attempt or reason changes), `log` (new log text), `agent` (one per Codex event in the log,
 /// parsed: commands started and finished with exit codes, file changes, messages, usage,
-/// errors), and `end` once the job has finished and its log has been sent. Any peer serves it.
+/// errors), `note` (the log cannot be read from the node that has it right now), and `end`
+/// once the job has finished and its log has been sent. Any peer serves it.
 pub(super) async fn events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -279,6 +346,7 @@ pub(super) async fn events(
         partial_line: Vec::new(),
         finished: false,
         pending: Default::default(),
+        note: None,
     };
     let stream = futures::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
@@ -352,7 +420,14 @@ async fn poll_job(state: &mut EventState) {
     }
     // The log before any change of status: what the agent did comes before what it led to.
     let drained = match fetch_log(&state.s, &state.id, state.offset).await {
-        Ok((data, size)) => {
+        Ok(LogChunk { data, size, note }) => {
+            if note.is_some() && note != state.note {
+                let text = note.clone().unwrap_or_default();
+                state
+                    .pending
+                    .push_back(Event::default().event("note").data(text));
+            }
+            state.note = note;
             if !data.is_empty() {
                 state.offset += data.len() as u64;
                 // SSE cannot carry carriage returns; progress bars lose nothing that matters.
