@@ -24,7 +24,7 @@ pub mod views;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -156,7 +156,7 @@ pub struct Mesh {
     id: NodeId,
     peer_id: PeerId,
     config: MeshConfig,
-    started: Instant,
+    lease_clock: clock::LeaseClock,
     started_unix_ms: u64,
     state: ReplicatedState,
     store: Store,
@@ -286,6 +286,7 @@ impl Mesh {
             0,
             seed,
         );
+        let jump_threshold = clock::jump_threshold_ms(&config.timing);
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let handle = MeshHandle {
             inputs: inputs_tx.clone(),
@@ -294,7 +295,7 @@ impl Mesh {
             id,
             peer_id,
             config,
-            started: Instant::now(),
+            lease_clock: clock::LeaseClock::new(jump_threshold),
             started_unix_ms: unix_ms(),
             state,
             store,
@@ -347,25 +348,34 @@ impl Mesh {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            tokio::select! {
-                _ = ticker.tick() => self.on_tick(),
-                Some(event) = events.recv() => self.on_net(event),
-                input = inputs.recv() => match input {
-                    Some(Input::Shutdown) | None => break,
-                    Some(Input::Net(event)) => self.on_net(event),
-                    Some(Input::Api(request)) => self.on_api(request),
-                    Some(Input::RpcDone { peer, purpose, result }) => self.on_rpc_done(peer, purpose, result),
-                    Some(Input::JobUpdate(update)) => self.on_job_update(update),
-                },
+            let input = tokio::select! {
+                _ = ticker.tick() => None,
+                Some(event) = events.recv() => Some(Input::Net(event)),
+                input = inputs.recv() => Some(input.unwrap_or(Input::Shutdown)),
+            };
+            // Before anything else: a process that was stopped or suspended must not act on a
+            // lease its clock may have overstated.
+            self.check_clock();
+            match input {
+                None => self.on_tick(),
+                Some(Input::Shutdown) => break,
+                Some(Input::Net(event)) => self.on_net(event),
+                Some(Input::Api(request)) => self.on_api(request),
+                Some(Input::RpcDone {
+                    peer,
+                    purpose,
+                    result,
+                }) => self.on_rpc_done(peer, purpose, result),
+                Some(Input::JobUpdate(update)) => self.on_job_update(update),
             }
             self.schedule_if_due();
         }
         tracing::info!("mesh task stopped; store is consistent");
     }
 
-    /// Monotonic milliseconds since start.
+    /// Milliseconds since start on the lease clock (`CLOCK_BOOTTIME`: it counts suspend).
     fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.lease_clock.now_ms()
     }
 
     fn next_random(&mut self) -> u64 {
@@ -395,6 +405,19 @@ impl Mesh {
     }
 
     // ---- timers ---------------------------------------------------------------------
+
+    /// Void the lease when the wall clock moved further than the lease clock since the last
+    /// input: the lease clock missed time (a suspend it did not count, or a stalled clock),
+    /// so acknowledgements held may be older than they look.
+    fn check_clock(&mut self) {
+        let now = self.now();
+        if let Some(jump) = self.lease_clock.observe(unix_ms(), now) {
+            if self.election.is_leader() {
+                tracing::warn!(jump_ms = jump, "the wall clock jumped ahead of the lease clock; dropping the lease until a quorum acknowledges again");
+            }
+            self.election.void_lease(now);
+        }
+    }
 
     fn on_tick(&mut self) {
         let now = self.now();
@@ -487,11 +510,21 @@ impl Mesh {
                 Record::Node(info) => Some(&info.value),
                 _ => None,
             })
-            .map(|info| Candidate {
-                id: info.id.clone(),
-                eligible: info.master_eligible && !self.admin_flag(&info.id, |a| &a.removed),
-                online: info.id == self.id || self.liveness.is_online(&info.id, now),
-                recently_seen: info.id == self.id || self.liveness.recently_seen(&info.id, now),
+            .map(|info| {
+                // An acknowledged heartbeat is a sign of life too (gossip may be what is lost).
+                let acked = self.election.acked_at(&info.id);
+                let acked_within = |window: u64| acked.is_some_and(|at| at + window >= now);
+                let me = info.id == self.id;
+                Candidate {
+                    id: info.id.clone(),
+                    eligible: info.master_eligible && !self.admin_flag(&info.id, |a| &a.removed),
+                    online: me
+                        || self.liveness.is_online(&info.id, now)
+                        || acked_within(liveness::ONLINE_WINDOW_MS),
+                    recently_seen: me
+                        || self.liveness.recently_seen(&info.id, now)
+                        || acked_within(liveness::VOTER_GRACE_MS),
+                }
             })
             .collect()
     }

@@ -76,6 +76,11 @@ impl Mesh {
             },
             other => other,
         };
+        // A run already being stopped cannot be adopted: the new key starts after it.
+        let verdict = match verdict {
+            Verdict::Adopt if self.runs.get(&id).is_some_and(|r| r.stopping) => Verdict::Start,
+            other => other,
+        };
         if let Verdict::Adopt = verdict {
             if let Some(run) = self.runs.get_mut(&id) {
                 tracing::info!(job = %id, key = ?incoming.key(), "the run continues under a newer assignment");
@@ -225,7 +230,7 @@ impl Mesh {
         };
         let record_key = Key::Job(update.id.clone()).encode();
         if let Some(Record::Job(job)) = self.state.get(&record_key).cloned() {
-            if ours && worker::must_stop(&job, key).is_none() {
+            if ours && worker::must_stop(&job, key, &self.id).is_none() {
                 self.record_update(&job, update.clone());
             }
         }
@@ -282,7 +287,7 @@ impl Mesh {
         };
         let still_current = current.assignment.as_ref().map(|a| &a.0) == Some(assignment)
             && current.progress.0.status == JobStatus::Assigned
-            && worker::must_stop(&current, RunKey::of(assignment)).is_none();
+            && worker::must_stop(&current, RunKey::of(assignment), &self.id).is_none();
         if still_current {
             self.start_run(current);
         }
@@ -297,7 +302,7 @@ impl Mesh {
             let stale = next
                 .assignment
                 .as_ref()
-                .is_none_or(|a| worker::must_stop(job, RunKey::of(&a.0)).is_some());
+                .is_none_or(|a| worker::must_stop(job, RunKey::of(&a.0), &self.id).is_some());
             if stale {
                 run.next = None;
             }
@@ -305,7 +310,7 @@ impl Mesh {
         if run.stopping {
             return;
         }
-        if let Some(why) = worker::must_stop(job, run.key) {
+        if let Some(why) = worker::must_stop(job, run.key, &self.id) {
             tracing::info!(job = %job.spec.id, "stopping the run: {why}");
             run.stopping = true;
             run.handle.cancel();

@@ -499,16 +499,19 @@ fn a_cancel_stops_the_run_whatever_key_it_was_written_under() {
         attempt: 1,
         assignment: (3, 1),
     };
-    assert_eq!(must_stop(&run_record, run), None);
+    let w = "w".to_string();
+    assert_eq!(must_stop(&run_record, run, &w), None);
     // Cancelled at a peer that had only seen the job queued.
     let mut merged = run_record.clone();
     merged.merge(&with_status(&job, JobStatus::Cancelled, 9, "x"));
     assert_eq!(merged.progress.0.status, JobStatus::Cancelled);
-    assert!(must_stop(&merged, run).is_some());
+    assert!(must_stop(&merged, run, &w).is_some());
     // A newer attempt or assignment stops it too.
     let mut retried = run_record.clone();
     retried.progress.0.attempt = 2;
     retried.progress.0.status = JobStatus::Queued;
-    assert!(must_stop(&retried, run).is_some());
-    assert!(must_stop(&assigned(&job, (4, 1), "x", 3), run).is_some());
+    assert!(must_stop(&retried, run, &w).is_some());
+    assert!(must_stop(&assigned(&job, (4, 1), "x", 3), run, &w).is_some());
+    // A newer key of the same attempt for this very node keeps the run (it is adopted).
+    assert_eq!(must_stop(&assigned(&job, (4, 1), "w", 3), run, &w), None);
 }

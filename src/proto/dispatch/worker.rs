@@ -115,10 +115,12 @@ pub fn judge(
     }
 }
 
-/// Why a run of `run` must stop given the job's current record, if it must: its attempt
-/// ended (a cancel, whatever key it was written under), a newer attempt started, or a newer
-/// assignment of its attempt replaced it.
-pub fn must_stop(job: &JobRecord, run: RunKey) -> Option<&'static str> {
+/// Why a run of `run` on node `me` must stop given the job's current record, if it must: its
+/// attempt ended (a cancel, whatever key it was written under), a newer attempt started, or a
+/// newer assignment of its attempt gave it to another node. A newer assignment of the same
+/// attempt to `me` is a new master keeping the attempt here: the run goes on and is adopted
+/// under the new key ([`Verdict::Adopt`]).
+pub fn must_stop(job: &JobRecord, run: RunKey, me: &NodeId) -> Option<&'static str> {
     let progress = &job.progress.0;
     if progress.attempt > run.attempt {
         return Some("a newer attempt of the job started");
@@ -134,14 +136,19 @@ pub fn must_stop(job: &JobRecord, run: RunKey) -> Option<&'static str> {
             "the attempt ended elsewhere"
         });
     }
-    let newer_assignment = job
+    let newer = job
         .assignment
         .as_ref()
-        .is_some_and(|a| a.0.attempt == run.attempt && a.0.key() > run.assignment);
-    if progress.assignment > run.assignment || newer_assignment {
-        return Some("a newer assignment replaced this run");
+        .map(|a| &a.0)
+        .filter(|a| a.attempt == run.attempt && a.key() > run.assignment);
+    match newer {
+        Some(a) if &a.node != me => Some("a newer assignment gave the attempt to another node"),
+        Some(_) => None,
+        None if progress.assignment > run.assignment => {
+            Some("a newer assignment replaced this run")
+        }
+        None => None,
     }
-    None
 }
 
 /// At start, a job this node was given or ran in its previous life has no run any more (its

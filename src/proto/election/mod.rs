@@ -39,6 +39,8 @@ struct LeaderState {
     positions: BTreeMap<NodeId, Position>,
     /// When the learners are told about us next.
     next_learner_heartbeat: u64,
+    /// Only heartbeats sent at or after this time count for the lease (see `void_lease`).
+    lease_floor: u64,
 }
 
 /// One node's election state machine.
@@ -132,6 +134,27 @@ impl Election {
         }
     }
 
+    /// Forget every acknowledgement this leader holds: it is master again only once a quorum
+    /// acknowledged a heartbeat sent from now on (its clock may have missed time, so older
+    /// acknowledgements may be older than they look). A heartbeat goes out at the next tick.
+    pub fn void_lease(&mut self, now: u64) {
+        if let Role::Leader(l) = &mut self.role {
+            l.acked.clear();
+            l.lease_floor = now;
+            l.next_heartbeat = now;
+        }
+    }
+
+    /// When leading: the time (on the clock passed to `tick` and `step`) at which the newest
+    /// heartbeat that `node` acknowledged was sent. `None` when not leading or when `node` has
+    /// acknowledged none of this term's heartbeats.
+    pub fn acked_at(&self, node: &NodeId) -> Option<u64> {
+        match &self.role {
+            Role::Leader(l) => l.acked.get(node).copied(),
+            _ => None,
+        }
+    }
+
     /// Set the non-voting members the leader keeps informed (voters among them are ignored).
     pub fn set_learners(&mut self, mut learners: BTreeSet<NodeId>) {
         learners.remove(&self.id);
@@ -192,7 +215,10 @@ impl Election {
     /// its heartbeats sent within the lease.
     pub fn is_master(&self, now: u64) -> bool {
         match &self.role {
-            Role::Leader(l) => self.quorum_since(l, now.saturating_sub(self.timing.lease_ms)),
+            Role::Leader(l) => self.quorum_since(
+                l,
+                now.saturating_sub(self.timing.lease_ms).max(l.lease_floor),
+            ),
             _ => false,
         }
     }
@@ -362,6 +388,7 @@ impl Election {
             acked: BTreeMap::new(),
             positions: BTreeMap::new(),
             next_learner_heartbeat: now,
+            lease_floor: 0,
         });
         self.send_heartbeats(now, out);
     }

@@ -579,3 +579,110 @@ fn a_learner_that_missed_voter_changes_asks_the_voters_it_knows_who_leads() {
         .step(&"x".into(), Message::WhoLeads { term: 9 }, 60)
         .is_empty());
 }
+
+#[test]
+fn acked_at_reports_the_newest_acknowledged_heartbeat_while_leading() {
+    let t = Timing::default();
+    let mut a = node("a", &["a", "b", "c"], 0);
+    let now = t.election_max_ms + 1;
+    assert_eq!(a.acked_at(&"b".into()), None, "not leading");
+    a.tick(now);
+    a.step(
+        &"b".into(),
+        Message::PreVoteReply {
+            term: 1,
+            granted: true,
+            leader: None,
+        },
+        now,
+    );
+    a.step(
+        &"b".into(),
+        Message::VoteReply {
+            term: 1,
+            granted: true,
+        },
+        now,
+    );
+    assert!(a.is_leader());
+    assert_eq!(a.acked_at(&"b".into()), None, "nothing acknowledged yet");
+    let ack = |sent_at| Message::HeartbeatAck {
+        term: 1,
+        sent_at,
+        ok: true,
+        position: (0, 1),
+    };
+    a.step(&"b".into(), ack(now + 250), now + 260);
+    assert_eq!(a.acked_at(&"b".into()), Some(now + 250));
+    // A late acknowledgement of an older heartbeat does not move it back.
+    a.step(&"b".into(), ack(now), now + 270);
+    assert_eq!(a.acked_at(&"b".into()), Some(now + 250));
+    // A refused acknowledgement does not count.
+    a.step(
+        &"b".into(),
+        Message::HeartbeatAck {
+            term: 1,
+            sent_at: now + 500,
+            ok: false,
+            position: (0, 1),
+        },
+        now + 510,
+    );
+    assert_eq!(a.acked_at(&"b".into()), Some(now + 250));
+    assert_eq!(a.acked_at(&"c".into()), None);
+    // Stepping down forgets it.
+    a.step(&"c".into(), ack(now + 600), now + 610);
+    a.step(
+        &"c".into(),
+        Message::HeartbeatAck {
+            term: 2,
+            sent_at: now + 700,
+            ok: false,
+            position: (0, 1),
+        },
+        now + 710,
+    );
+    assert!(!a.is_leader());
+    assert_eq!(a.acked_at(&"b".into()), None);
+}
+
+#[test]
+fn a_voided_lease_needs_fresh_acknowledgements() {
+    let t = Timing::default();
+    let mut a = node("a", &["a", "b", "c"], 0);
+    let now = t.election_max_ms + 1;
+    a.tick(now);
+    let b: NodeId = "b".into();
+    let granted = Message::PreVoteReply {
+        term: 1,
+        granted: true,
+        leader: None,
+    };
+    a.step(&b, granted, now);
+    a.step(
+        &b,
+        Message::VoteReply {
+            term: 1,
+            granted: true,
+        },
+        now,
+    );
+    let ack = |sent_at| Message::HeartbeatAck {
+        term: 1,
+        sent_at,
+        ok: true,
+        position: (0, 1),
+    };
+    a.step(&b, ack(now), now + 2);
+    assert!(a.is_master(now + 2));
+    // Its clock may have missed time: the acknowledgement it holds no longer counts...
+    a.void_lease(now + 3);
+    assert!(!a.is_master(now + 3));
+    assert!(a.is_leader(), "it still leads the term");
+    // A late acknowledgement of a heartbeat sent before does not bring it back...
+    a.step(&b, ack(now + 1), now + 4);
+    assert!(!a.is_master(now + 4));
+    // ...one of a heartbeat sent after that does.
+    a.step(&b, ack(now + 3), now + 4);
+    assert!(a.is_master(now + 4));
+}
