@@ -262,12 +262,20 @@ mod tests {
 
     #[test]
     fn processes_of_a_run_are_found_by_their_token_and_killed() {
+        use std::io::BufRead;
         let token = new_token();
-        let mut child = std::process::Command::new("sleep")
-            .arg("300")
+        // The shell says "ready" once it runs with the new environment (between fork and
+        // exec, /proc shows the parent's), then becomes `sleep` with the same environment.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; exec sleep 300"])
             .env(RUN_ENV, &token)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
         let pid = i32::try_from(child.id()).unwrap();
         let found = find_run_processes(&token);
         assert_eq!(found.len(), 1, "{found:?}");
