@@ -265,10 +265,12 @@ mod tests {
         use std::io::BufRead;
         let token = new_token();
         // The shell says "ready" once it runs with the new environment (between fork and
-        // exec, /proc shows the parent's), then becomes `sleep` with the same environment.
+        // exec, /proc shows the parent's), then waits on a built-in `read` of its stdin: no
+        // further exec or fork that could make the scan see a transient state.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "echo ready; exec sleep 300"])
+            .args(["-c", "echo ready; read line"])
             .env(RUN_ENV, &token)
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
