@@ -276,7 +276,9 @@ mod tests {
             .unwrap();
         let mut line = String::new();
         let stdout = child.stdout.take().unwrap();
-        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready");
         let pid = i32::try_from(child.id()).unwrap();
         let found = find_run_processes(&token);
