@@ -28,6 +28,9 @@ pub struct Metrics {
     pub records: AtomicU64,
     /// Size of the store file in bytes.
     pub store_bytes: AtomicU64,
+    /// Largest age of the lease's evidence seen while leading: the time since the newest
+    /// heartbeat a quorum acknowledged (ms). Stays near the heartbeat interval when healthy.
+    pub lease_age_max_ms: AtomicU64,
 }
 
 const COUNTERS: &[(&str, &str)] = &[
@@ -60,12 +63,21 @@ const GAUGES: &[(&str, &str)] = &[
     ("is_master", "1 while this node acts as master."),
     ("records", "Replicated records held."),
     ("store_bytes", "Size of the store file in bytes."),
+    (
+        "lease_age_max_ms",
+        "Largest time since the newest quorum-acknowledged heartbeat seen while leading (ms).",
+    ),
 ];
 
 impl Metrics {
     /// Add one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Raise a gauge to `value` if it is lower.
+    pub fn raise(gauge: &AtomicU64, value: u64) {
+        gauge.fetch_max(value, Ordering::Relaxed);
     }
 
     /// Set a gauge.
@@ -85,6 +97,7 @@ impl Metrics {
             "election_term" => &self.election_term,
             "is_master" => &self.is_master,
             "records" => &self.records,
+            "lease_age_max_ms" => &self.lease_age_max_ms,
             _ => &self.store_bytes,
         };
         cell.load(Ordering::Relaxed)

@@ -426,6 +426,9 @@ impl Mesh {
         let is_master = self.acting_master(now);
         Metrics::set(&self.metrics.is_master, is_master as u64);
         Metrics::set(&self.metrics.election_term, self.election.term());
+        if let Some(acked) = self.election.quorum_acked_at() {
+            Metrics::raise(&self.metrics.lease_age_max_ms, now.saturating_sub(acked));
+        }
         if is_master {
             self.publish_lease(now);
             if now >= self.next_voter_check {

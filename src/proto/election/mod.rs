@@ -223,6 +223,22 @@ impl Election {
         }
     }
 
+    /// When leading: the send time of the newest heartbeat that a quorum (with this node)
+    /// acknowledged, or `None` when no quorum acknowledged one of this term's heartbeats.
+    /// `now` minus this is how old the lease's evidence is.
+    pub fn quorum_acked_at(&self) -> Option<u64> {
+        let Role::Leader(l) = &self.role else {
+            return None;
+        };
+        if self.sole_voter() {
+            return None;
+        }
+        let mut sent: Vec<u64> = l.acked.values().copied().collect();
+        sent.sort_unstable_by(|a, b| b.cmp(a));
+        sent.into_iter()
+            .find(|&cutoff| self.quorum_since(l, cutoff))
+    }
+
     fn quorum_since(&self, l: &LeaderState, cutoff: u64) -> bool {
         self.quorum_with_us(l.acked.iter().filter(|(_, &sent)| sent >= cutoff))
     }

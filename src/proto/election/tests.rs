@@ -686,3 +686,47 @@ fn a_voided_lease_needs_fresh_acknowledgements() {
     a.step(&b, ack(now + 3), now + 4);
     assert!(a.is_master(now + 4));
 }
+
+#[test]
+fn quorum_acked_at_is_the_newest_heartbeat_a_quorum_acknowledged() {
+    let t = Timing::default();
+    let mut a = node("a", &["a", "b", "c", "d", "e"], 0);
+    let now = t.election_max_ms + 1;
+    assert_eq!(a.quorum_acked_at(), None, "not leading");
+    a.tick(now);
+    for voter in ["b", "c"] {
+        a.step(
+            &voter.into(),
+            Message::PreVoteReply {
+                term: 1,
+                granted: true,
+                leader: None,
+            },
+            now,
+        );
+    }
+    for voter in ["b", "c"] {
+        a.step(
+            &voter.into(),
+            Message::VoteReply {
+                term: 1,
+                granted: true,
+            },
+            now,
+        );
+    }
+    assert!(a.is_leader());
+    assert_eq!(a.quorum_acked_at(), None, "nothing acknowledged yet");
+    let ack = |sent_at| Message::HeartbeatAck {
+        term: 1,
+        sent_at,
+        ok: true,
+        position: (0, 1),
+    };
+    a.step(&"b".into(), ack(now + 900), now + 910);
+    assert_eq!(a.quorum_acked_at(), None, "two of five are no quorum");
+    a.step(&"c".into(), ack(now + 250), now + 920);
+    assert_eq!(a.quorum_acked_at(), Some(now + 250), "a, b and c: the older of the two");
+    a.step(&"d".into(), ack(now + 600), now + 930);
+    assert_eq!(a.quorum_acked_at(), Some(now + 600), "a, b and d");
+}
