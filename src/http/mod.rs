@@ -2,7 +2,11 @@
 //! probe, and Prometheus metrics.
 
 mod auth;
+mod events;
+mod job_events;
 mod jobs;
+pub mod limits;
+mod logs;
 
 use std::sync::Arc;
 
@@ -30,6 +34,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The network, to fetch job logs from other peers.
     pub net: crate::net::Client,
+    /// Slots for event streams (`--max-event-streams`), taken by [`limits::event_stream`].
+    pub streams: limits::EventStreams,
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -115,8 +121,21 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::show))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/v1/jobs/{id}/log", get(jobs::log))
-        .route("/api/v1/jobs/{id}/events", get(jobs::events))
+        .route("/api/v1/jobs/{id}/log", get(logs::log))
+        .route(
+            "/api/v1/jobs/{id}/events",
+            get(job_events::events).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                limits::event_stream,
+            )),
+        )
+        .route(
+            "/api/v1/events",
+            get(events::events).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                limits::event_stream,
+            )),
+        )
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -141,18 +160,16 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
 }
 
-async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
-    let view = s.mesh.status().await.ok_or_else(unavailable)?;
-    Ok(Json(view).into_response())
+async fn status(State(s): State<ApiState>) -> Response {
+    Json(s.mesh.status()).into_response()
 }
 
-async fn nodes(State(s): State<ApiState>) -> Result<Response, ApiError> {
-    let views = s.mesh.nodes().await.ok_or_else(unavailable)?;
-    Ok(Json(views).into_response())
+async fn nodes(State(s): State<ApiState>) -> Response {
+    Json(s.mesh.nodes()).into_response()
 }
 
 async fn node(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let views = s.mesh.nodes().await.ok_or_else(unavailable)?;
+    let views = s.mesh.nodes();
     let matching: Vec<_> = views
         .into_iter()
         .filter(|n| n.id == id || n.name == id)

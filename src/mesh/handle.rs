@@ -1,18 +1,17 @@
-//! [`MeshHandle`]: how the HTTP API asks the mesh task for views and actions.
+//! [`MeshHandle`]: how the HTTP API reads the mesh (snapshots, no waiting on the mesh task)
+//! and asks the mesh task for actions.
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::jobs::{JobAction, JobError, JobList, JobQuery, JobView, SubmitRequest, Submitted};
+use super::read;
+use super::snapshot::Reader;
 use super::views::{ActionError, NodeAction, NodeView, StatusView};
 use super::Input;
 
 /// Requests from the API to the mesh task.
 #[derive(Debug)]
 pub enum ApiRequest {
-    /// This node's status.
-    Status(oneshot::Sender<StatusView>),
-    /// All nodes.
-    Nodes(oneshot::Sender<Vec<NodeView>>),
     /// Apply an action to the node with this id or name.
     NodeAction {
         /// Id or name.
@@ -31,27 +30,6 @@ pub enum ApiRequest {
         /// The recorded job.
         reply: oneshot::Sender<Result<Submitted, JobError>>,
     },
-    /// List jobs.
-    Jobs {
-        /// Filters and page.
-        query: JobQuery,
-        /// The page.
-        reply: oneshot::Sender<Result<JobList, JobError>>,
-    },
-    /// Where a job's log is.
-    LogSource {
-        /// Job id.
-        id: String,
-        /// The answer.
-        reply: oneshot::Sender<Result<super::runs::LogSource, JobError>>,
-    },
-    /// One job.
-    Job {
-        /// Job id.
-        id: String,
-        /// The job.
-        reply: oneshot::Sender<Result<JobView, JobError>>,
-    },
     /// Cancel or retry a job.
     JobAction {
         /// Job id.
@@ -67,6 +45,7 @@ pub enum ApiRequest {
 #[derive(Clone)]
 pub struct MeshHandle {
     pub(super) inputs: mpsc::UnboundedSender<Input>,
+    pub(super) reader: Reader,
 }
 
 impl MeshHandle {
@@ -76,14 +55,19 @@ impl MeshHandle {
         rx.await.ok()
     }
 
-    /// This node's status, or `None` while shutting down.
-    pub async fn status(&self) -> Option<StatusView> {
-        self.ask(ApiRequest::Status).await
+    /// The latest snapshot and the change feed: reads that never wait on the mesh task.
+    pub fn reader(&self) -> &Reader {
+        &self.reader
     }
 
-    /// All known nodes.
-    pub async fn nodes(&self) -> Option<Vec<NodeView>> {
-        self.ask(ApiRequest::Nodes).await
+    /// This node's status (from the latest snapshot).
+    pub fn status(&self) -> StatusView {
+        read::nodes::status(&self.reader.current())
+    }
+
+    /// All known nodes (from the latest snapshot).
+    pub fn nodes(&self) -> Vec<NodeView> {
+        read::nodes::node_views(&self.reader.current())
     }
 
     /// A join ticket.
@@ -114,25 +98,14 @@ impl MeshHandle {
             .unwrap_or(Err(JobError::Unavailable))
     }
 
-    /// List jobs.
-    pub async fn jobs(&self, query: JobQuery) -> Result<JobList, JobError> {
-        self.ask(|reply| ApiRequest::Jobs { query, reply })
-            .await
-            .unwrap_or(Err(JobError::Unavailable))
+    /// A page of jobs (from the latest snapshot).
+    pub fn jobs(&self, query: JobQuery) -> Result<JobList, JobError> {
+        read::jobs::list(&self.reader.current(), &query)
     }
 
-    /// One job.
-    pub async fn job(&self, id: String) -> Result<JobView, JobError> {
-        self.ask(|reply| ApiRequest::Job { id, reply })
-            .await
-            .unwrap_or(Err(JobError::Unavailable))
-    }
-
-    /// Where a job's log is.
-    pub async fn log_source(&self, id: String) -> Result<super::runs::LogSource, JobError> {
-        self.ask(|reply| ApiRequest::LogSource { id, reply })
-            .await
-            .unwrap_or(Err(JobError::Unavailable))
+    /// One job (from the latest snapshot).
+    pub fn job(&self, id: &str) -> Result<JobView, JobError> {
+        read::jobs::get(&self.reader.current(), id)
     }
 
     /// Cancel or retry a job.

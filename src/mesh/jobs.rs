@@ -5,6 +5,7 @@
 use serde::Serialize;
 use thiserror::Error;
 
+use super::read;
 use super::views::NodeView;
 use super::{unix_ms, Mesh};
 use crate::proto::crdt::MaxReg;
@@ -180,66 +181,6 @@ impl Mesh {
         }
     }
 
-    fn job_view(&self, job: &JobRecord) -> JobView {
-        let progress = &job.progress.0;
-        let assignment = job
-            .assignment
-            .as_ref()
-            .map(|a| &a.0)
-            .filter(|a| a.attempt == progress.attempt);
-        let node = assignment.map(|a| a.node.clone());
-        let node_name = node.as_ref().and_then(|id| self.node_name(id));
-        JobView {
-            status: progress.status,
-            attempt: progress.attempt,
-            node,
-            node_name,
-            epoch: assignment.map(|a| a.epoch),
-            reason: progress.reason.clone(),
-            result: progress.result.clone(),
-            updated_at_ms: progress.stamp.at.wall_ms,
-            attempts: self.attempt_views(job),
-            spec: job.spec.clone(),
-        }
-    }
-
-    fn attempt_views(&self, job: &JobRecord) -> Vec<AttemptView> {
-        let progress = &job.progress.0;
-        let current_node = job
-            .assignment
-            .as_ref()
-            .map(|a| &a.0)
-            .filter(|a| a.attempt == progress.attempt)
-            .map(|a| a.node.clone());
-        (1..=progress.attempt)
-            .map(|attempt| {
-                let entry = job.attempts.get(attempt);
-                let current = attempt == progress.attempt;
-                let node = match (current, entry.and_then(|e| e.node.clone())) {
-                    (true, _) if current_node.is_some() => current_node.clone(),
-                    (_, node) => node,
-                };
-                let (status, reason) = if current {
-                    (progress.status, progress.reason.clone())
-                } else {
-                    entry.map_or((JobStatus::Lost, None), |e| (e.status, e.reason.clone()))
-                };
-                let ended_at = entry.and_then(|e| e.ended_at_ms).or_else(|| {
-                    (current && progress.status.is_terminal()).then_some(progress.stamp.at.wall_ms)
-                });
-                AttemptView {
-                    attempt,
-                    node_name: node.as_ref().and_then(|n| self.node_name(n)),
-                    node,
-                    status,
-                    reason,
-                    started_at: entry.and_then(|e| e.started_at_ms),
-                    ended_at,
-                }
-            })
-            .collect()
-    }
-
     /// The job an `Idempotency-Key` created within the window, if any.
     fn job_with_key(&self, key: &str, now_ms: u64) -> Option<&JobRecord> {
         self.state
@@ -271,8 +212,9 @@ impl Mesh {
                         first.spec.id
                     )));
                 }
+                let view = read::jobs::job_view(&self.view(), first);
                 return Ok(Submitted {
-                    view: self.job_view(first),
+                    view,
                     replayed: true,
                 });
             }
@@ -281,6 +223,7 @@ impl Mesh {
         let record = JobRecord {
             spec: spec.clone(),
             attempts: Default::default(),
+            extra: Default::default(),
             assignment: None,
             progress: MaxReg(Progress {
                 attempt: 1,
@@ -294,12 +237,10 @@ impl Mesh {
         let key = Key::Job(spec.id.clone()).encode();
         self.commit_local(key, Record::Job(Box::new(record)))
             .map_err(|e| JobError::Store(e.to_string()))?;
-        self.job(&spec.id)
-            .map(|job| Submitted {
-                view: self.job_view(job),
-                replayed: false,
-            })
-            .ok_or(JobError::NotFound(spec.id))
+        self.get_job(&spec.id).map(|view| Submitted {
+            view,
+            replayed: false,
+        })
     }
 
     fn job_spec(&mut self, request: SubmitRequest) -> Result<JobSpec, JobError> {
@@ -324,16 +265,15 @@ impl Mesh {
             )));
         }
         // The nodes the job could run on, read once for every check below.
-        let members: Vec<NodeView> = self
-            .node_views()
+        let snapshot = self.view();
+        let members: Vec<NodeView> = read::nodes::node_views(&snapshot)
             .into_iter()
             .filter(|n| !n.removed)
             .collect();
         let target = match (optional_text(request.node), optional_text(request.tag)) {
             (Some(_), Some(_)) => return Err(invalid("give a node or a tag, not both".into())),
             (Some(node), None) => Target::Node(
-                self.resolve_node(&node)
-                    .map_err(|e| invalid(e.to_string()))?,
+                read::nodes::resolve_node(&snapshot, &node).map_err(|e| invalid(e.to_string()))?,
             ),
             (None, Some(tag)) => {
                 validate_tag(&tag).map_err(invalid)?;
@@ -411,49 +351,13 @@ impl Mesh {
             submitted_via: self.id.clone(),
             submitted_at_ms: now,
             idempotency_key: request.idempotency_key,
+            extra: Default::default(),
         })
     }
 
-    /// Jobs matching `query`, newest first.
-    pub(super) fn list_jobs(&self, query: &JobQuery) -> Result<JobList, JobError> {
-        let node = match &query.node {
-            Some(n) => Some(
-                self.resolve_node(n)
-                    .map_err(|e| JobError::Invalid(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let text = query.text.as_ref().map(|t| t.to_lowercase());
-        let mut views: Vec<JobView> = self
-            .state
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) => Some(self.job_view(job)),
-                _ => None,
-            })
-            .filter(|v| query.status.is_none_or(|s| v.status == s))
-            .filter(|v| node.is_none() || v.node == node)
-            .filter(|v| {
-                text.as_ref().is_none_or(|t| {
-                    v.spec.id.to_lowercase().contains(t) || v.spec.prompt.to_lowercase().contains(t)
-                })
-            })
-            .collect();
-        views.sort_by(|a, b| b.spec.id.cmp(&a.spec.id));
-        let total = views.len();
-        let jobs = views
-            .into_iter()
-            .skip(query.offset)
-            .take(query.limit.clamp(1, 500))
-            .collect();
-        Ok(JobList { jobs, total })
-    }
-
-    /// One job.
+    /// One job, as the views show it now.
     pub(super) fn get_job(&self, id: &str) -> Result<JobView, JobError> {
-        self.job(id)
-            .map(|job| self.job_view(job))
-            .ok_or_else(|| JobError::NotFound(id.to_string()))
+        read::jobs::get(&self.view(), id)
     }
 
     /// Cancel the current attempt, or start a new attempt of a finished job.

@@ -8,7 +8,7 @@ pub const ONLINE_WINDOW_MS: u64 = 6_000;
 pub const VOTER_GRACE_MS: u64 = 30_000;
 
 /// Last time each node was heard from.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Liveness {
     heard: HashMap<String, u64>,
 }

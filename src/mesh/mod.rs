@@ -14,8 +14,10 @@ pub mod handle;
 pub mod jobs;
 mod liveness;
 mod network;
+pub mod read;
 pub mod runs;
 mod scheduler;
+pub mod snapshot;
 mod status;
 mod sync;
 mod trust;
@@ -45,7 +47,6 @@ use crate::wire::{Gossip, Response};
 
 pub use handle::{ApiRequest, MeshHandle};
 use liveness::Liveness;
-pub use runs::LogSource;
 use views::ActionError;
 
 const ELECTION_META: &str = "election";
@@ -58,6 +59,16 @@ const ANTI_ENTROPY_EVERY_MS: u64 = 5_000;
 const REDIAL_EVERY_MS: u64 = 1_000;
 const VOTER_CHANGE_SETTLE_MS: u64 = 5_000;
 const VOTER_CHECK_EVERY_MS: u64 = 1_000;
+/// Longest time between two published snapshots while nothing changes (liveness and the
+/// lease move without record changes).
+const SNAPSHOT_EVERY_MS: u64 = 250;
+
+/// What the last published snapshot showed, to report changes that no record carries.
+#[derive(Debug, Default)]
+struct Shown {
+    online: BTreeSet<NodeId>,
+    master: Option<NodeId>,
+}
 
 /// How a node starts.
 #[derive(Clone, Debug)]
@@ -187,6 +198,9 @@ pub struct Mesh {
     term_ahead: Option<(u64, u64)>,
     accepted: crate::proto::dispatch::commit::Accepted,
     rng: u64,
+    snapshots: snapshot::SnapshotWriter,
+    next_snapshot: u64,
+    shown: Shown,
 }
 
 /// Unix time in milliseconds.
@@ -288,10 +302,27 @@ impl Mesh {
         );
         let jump_threshold = clock::jump_threshold_ms(&config.timing);
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
+        let (snapshots, reader) = snapshot::SnapshotWriter::new(snapshot::LocalFacts {
+            id: id.clone(),
+            name: config.name.clone(),
+            mesh_id: config.mesh_id.clone(),
+            at: 0,
+            at_unix: unix_ms(),
+            is_master: false,
+            leader: None,
+            term: 0,
+            voters: BTreeSet::new(),
+            liveness: Liveness::default(),
+            connected: 0,
+            listen_addrs: Vec::new(),
+            log_dir: config.runner.log_dir.clone(),
+            stream: unix_ms(),
+        });
         let handle = MeshHandle {
             inputs: inputs_tx.clone(),
+            reader,
         };
-        let mesh = Mesh {
+        let mut mesh = Mesh {
             id,
             peer_id,
             config,
@@ -326,7 +357,17 @@ impl Mesh {
             term_ahead: None,
             accepted,
             rng: seed | 1,
+            snapshots,
+            next_snapshot: 0,
+            shown: Shown::default(),
         };
+        let loaded: Vec<String> = mesh.state.iter().map(|(k, _)| k.clone()).collect();
+        for key in loaded {
+            if let Some(record) = mesh.state.get_shared(&key) {
+                mesh.snapshots.record_changed(&key, record);
+            }
+        }
+        mesh.publish_snapshot(true);
         Ok((mesh, handle))
     }
 
@@ -369,6 +410,7 @@ impl Mesh {
                 Some(Input::JobUpdate(update)) => self.on_job_update(update),
             }
             self.schedule_if_due();
+            self.publish_snapshot(false);
         }
         tracing::info!("mesh task stopped; store is consistent");
     }
@@ -580,6 +622,7 @@ impl Mesh {
             heartbeat_ms: unix_ms(),
             agents: self.config.runner.agents.names(),
             local_repos: self.config.runner.repos.allow_local,
+            extra: Default::default(),
         }
     }
 
@@ -641,6 +684,9 @@ impl Mesh {
 
     /// Side effects of a changed record.
     fn after_change(&mut self, key: &str, record: &Record) {
+        if let Some(shared) = self.state.get_shared(key) {
+            self.snapshots.record_changed(key, shared);
+        }
         match record {
             Record::Admin(admin) => {
                 let removed = admin.removed.as_ref().is_some_and(|r| r.value);
@@ -661,7 +707,7 @@ impl Mesh {
                     self.scheduler.wake();
                 }
             }
-            Record::Node(_) => {}
+            Record::Node(_) | Record::Unknown { .. } => {}
         }
     }
 
@@ -680,14 +726,10 @@ impl Mesh {
 
     // ---- API ------------------------------------------------------------------------
 
+    /// Actions from the API. A write is in the published snapshot before its answer goes
+    /// out, so that the client's next read at this node sees it.
     fn on_api(&mut self, request: ApiRequest) {
         match request {
-            ApiRequest::Status(reply) => {
-                let _ = reply.send(self.status_view());
-            }
-            ApiRequest::Nodes(reply) => {
-                let _ = reply.send(self.node_views());
-            }
             ApiRequest::Ticket(reply) => {
                 let _ = reply.send(self.ticket().encode());
             }
@@ -696,22 +738,19 @@ impl Mesh {
                 action,
                 reply,
             } => {
-                let _ = reply.send(self.node_action(&target, action));
+                let result = self.node_action(&target, action);
+                self.publish_snapshot(false);
+                let _ = reply.send(result);
             }
             ApiRequest::SubmitJob { request, reply } => {
-                let _ = reply.send(self.submit_job(*request));
-            }
-            ApiRequest::Jobs { query, reply } => {
-                let _ = reply.send(self.list_jobs(&query));
-            }
-            ApiRequest::LogSource { id, reply } => {
-                let _ = reply.send(self.log_source(&id));
-            }
-            ApiRequest::Job { id, reply } => {
-                let _ = reply.send(self.get_job(&id));
+                let result = self.submit_job(*request);
+                self.publish_snapshot(false);
+                let _ = reply.send(result);
             }
             ApiRequest::JobAction { id, action, reply } => {
-                let _ = reply.send(self.job_action(&id, action));
+                let result = self.job_action(&id, action);
+                self.publish_snapshot(false);
+                let _ = reply.send(result);
             }
         }
     }

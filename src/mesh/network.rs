@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::net;
 use crate::proto::election::Action;
 use crate::proto::records::Record;
-use crate::wire::{Gossip, Request, Response, MAX_RECORDS_PER_MESSAGE};
+use crate::wire::{Gossip, Request, Response, MAX_PAGE_BYTES, MAX_RECORDS_PER_MESSAGE};
 
 use super::ELECTION_META;
 
@@ -80,10 +80,18 @@ impl Mesh {
                 peer,
                 request,
                 channel,
-            } => {
-                let response = self.on_request(peer, request, now);
-                self.client.respond(channel, response);
-            }
+            } => match request {
+                // File I/O runs on a blocking task, never on the mesh task.
+                Request::Log { .. } | Request::StoreLog { .. } => {
+                    let work = self.log_request(peer, request, now);
+                    let client = self.client.clone();
+                    tokio::task::spawn_blocking(move || client.respond(channel, work()));
+                }
+                request => {
+                    let response = self.on_request(peer, request, now);
+                    self.client.respond(channel, response);
+                }
+            },
         }
     }
 
@@ -157,9 +165,14 @@ impl Mesh {
                 Response::SyncDiffering(self.state.differing_buckets(&theirs))
             }
             Request::SyncDigests { buckets, entries } => {
-                let r = self
-                    .state
-                    .reconcile(&buckets, &entries, MAX_RECORDS_PER_MESSAGE);
+                let r = self.state.reconcile(
+                    &buckets,
+                    &entries,
+                    MAX_RECORDS_PER_MESSAGE,
+                    MAX_PAGE_BYTES,
+                    // A random first record: see `reconcile`.
+                    rand::random(),
+                );
                 Response::SyncRecords {
                     records: r.records,
                     want: r.want,
@@ -169,8 +182,9 @@ impl Mesh {
             Request::Assign(record) => self.accept_assignment(&record, &peer.to_string()),
             Request::Commit(record) => self.judge_commit(&peer.to_string(), &record),
             Request::ReadAccepted { term } => self.answer_read(&peer.to_string(), term),
-            Request::Log { job, offset } => self.serve_log(&job, offset),
-            Request::StoreLog { job, offset, data } => self.store_log(&job, offset, &data),
+            Request::Log { .. } | Request::StoreLog { .. } => {
+                Response::Refused("log requests are answered off the mesh task".into())
+            }
             Request::SyncPush(records) => {
                 let changed = self.apply_remote(records);
                 self.metrics

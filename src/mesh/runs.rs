@@ -4,8 +4,8 @@
 //! assignment replaced it ([`worker::must_stop`]). A new assignment of a job whose older run
 //! is still stopping starts when that run has ended.
 
-use super::jobs::JobError;
 use super::{unix_ms, Input, Mesh};
+use crate::metrics::Metrics;
 use crate::proto::crdt::Crdt;
 use crate::proto::dispatch::worker::{self, Fence, RunKey, Verdict};
 use crate::proto::jobs::{JobRecord, JobStatus, Progress};
@@ -137,10 +137,7 @@ impl Mesh {
     }
 
     fn free_slot_for(&self, job: &JobRecord) -> Result<(), String> {
-        let slots = self
-            .node_views()
-            .into_iter()
-            .find(|n| n.id == self.id)
+        let slots = super::read::nodes::node_by_id(&self.view(), &self.id)
             .map_or(self.config.slots, |n| n.slots);
         let busy = self.runs.keys().filter(|id| **id != job.spec.id).count() as u32;
         if busy >= slots {
@@ -378,61 +375,53 @@ impl Mesh {
     }
 }
 
-/// Where a job's log can be read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogSource {
-    /// In this node's log directory.
-    Local(std::path::PathBuf),
-    /// On these peers, to be asked in order (the worker, then the master's copy).
-    Remote(Vec<libp2p::PeerId>),
-}
-
 impl Mesh {
     fn log_file(&self, id: &str) -> std::path::PathBuf {
         logs::log_path(&self.config.runner.log_dir, id)
     }
 
-    /// Where the log of job `id` is.
-    pub(super) fn log_source(&self, id: &str) -> Result<LogSource, JobError> {
-        let key = Key::Job(id.to_string()).encode();
-        let Some(Record::Job(job)) = self.state.get(&key) else {
-            return Err(JobError::NotFound(id.to_string()));
+    /// A peer's log request (read a chunk, or keep a chunk the worker copies), checked
+    /// here and answered by the returned work, which does the file I/O on a blocking task.
+    /// Only logs of jobs this node knows are read or written.
+    pub(super) fn log_request(
+        &mut self,
+        peer: libp2p::PeerId,
+        request: Request,
+        now: u64,
+    ) -> Box<dyn FnOnce() -> Response + Send> {
+        let refuse = |why: String| -> Box<dyn FnOnce() -> Response + Send> {
+            Box::new(move || Response::Refused(why))
         };
-        let path = self.log_file(id);
-        if path.exists() {
-            return Ok(LogSource::Local(path));
+        if self.admin_flag(&peer.to_string(), |a| &a.removed) {
+            return refuse("this node was removed from the mesh".into());
         }
-        let mut peers = Vec::new();
-        if let Some(node) = job.assignment.as_ref().map(|a| &a.0.node) {
-            peers.extend(node.parse::<libp2p::PeerId>().ok());
+        if let Err(e) = request.check() {
+            Metrics::inc(&self.metrics.wire_dropped);
+            return refuse(e);
         }
-        if let Some(master) = self.status_master_id(self.now()) {
-            peers.extend(master.parse::<libp2p::PeerId>().ok());
-        }
-        peers.retain(|p| *p != self.peer_id);
-        peers.dedup();
-        Ok(LogSource::Remote(peers))
-    }
-
-    /// Answer a peer's request for a log chunk (only of a job this node knows).
-    pub(super) fn serve_log(&self, id: &str, offset: u64) -> Response {
-        if self.state.get(&Key::Job(id.to_string()).encode()).is_none() {
-            return Response::Refused(format!("unknown job {id}"));
-        }
-        match logs::read_chunk(&self.log_file(id), offset, logs::CHUNK_BYTES) {
-            Ok((data, size)) => Response::Log { data, size },
-            Err(e) => Response::Refused(format!("no log of job {id} here: {e}")),
-        }
-    }
-
-    /// Keep a chunk of a log copied by the worker.
-    pub(super) fn store_log(&self, id: &str, offset: u64, data: &[u8]) -> Response {
-        if self.state.get(&Key::Job(id.to_string()).encode()).is_none() {
-            return Response::Refused(format!("unknown job {id}"));
-        }
-        match logs::write_chunk(&self.log_file(id), offset, data) {
-            Ok(()) => Response::Ack,
-            Err(e) => Response::Refused(e.to_string()),
+        self.liveness.heard(&peer.to_string(), now);
+        let known = |id: &str| self.state.get(&Key::Job(id.to_string()).encode()).is_some();
+        match request {
+            Request::Log { job, offset } if known(&job) => {
+                let path = self.log_file(&job);
+                Box::new(
+                    move || match logs::read_chunk(&path, offset, logs::CHUNK_BYTES) {
+                        Ok((data, size)) => Response::Log { data, size },
+                        Err(e) => Response::Refused(format!("no log of job {job} here: {e}")),
+                    },
+                )
+            }
+            Request::StoreLog { job, offset, data } if known(&job) => {
+                let path = self.log_file(&job);
+                Box::new(move || match logs::write_chunk(&path, offset, &data) {
+                    Ok(()) => Response::Ack,
+                    Err(e) => Response::Refused(e.to_string()),
+                })
+            }
+            Request::Log { job, .. } | Request::StoreLog { job, .. } => {
+                refuse(format!("unknown job {job}"))
+            }
+            _ => refuse("not a log request".into()),
         }
     }
 
@@ -451,7 +440,12 @@ impl Mesh {
         tokio::spawn(async move {
             let mut offset = 0;
             while offset < logs::MAX_LOG_BYTES {
-                let Ok((data, _)) = logs::read_chunk(&path, offset, logs::CHUNK_BYTES) else {
+                let chunk_path = path.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    logs::read_chunk(&chunk_path, offset, logs::CHUNK_BYTES)
+                })
+                .await;
+                let Ok(Ok((data, _))) = read else {
                     return;
                 };
                 if data.is_empty() && offset > 0 {

@@ -55,8 +55,7 @@ impl Mesh {
     /// Members as the dispatcher sees them, and when each one's process started.
     fn dispatch_members(&self) -> (Vec<NodeLoad>, BTreeMap<NodeId, u64>) {
         let mut started = BTreeMap::new();
-        let loads = self
-            .node_views()
+        let loads = super::read::nodes::node_views(&self.view())
             .into_iter()
             .map(|n| {
                 started.insert(n.id.clone(), n.started_at_ms);

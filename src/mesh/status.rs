@@ -1,17 +1,16 @@
-//! What the API reads about the mesh: this node's status, the node views, the join ticket,
-//! and operator actions on nodes.
+//! The node's side of the read views (the facts it publishes with each snapshot, the
+//! master rule applied to live state), the join ticket, and operator actions on nodes.
 
-use std::collections::BTreeSet;
 use std::str::FromStr;
 
 use libp2p::{Multiaddr, PeerId};
 
-use super::views::{ActionError, MemberCount, NodeAction, NodeView, StatusView};
-use super::{unix_ms, with_peer, Mesh};
+use super::read;
+use super::snapshot::{LocalFacts, Snapshot};
+use super::views::{ActionError, NodeAction, NodeView};
+use super::{unix_ms, with_peer, Mesh, Shown, SNAPSHOT_EVERY_MS};
 use crate::proto::crdt::{Lww, NodeId};
-use crate::proto::records::{
-    validate_tag, Key, MasterInfo, NodeAdmin, NodeInfo, Record, MAX_SLOTS,
-};
+use crate::proto::records::{validate_tag, Key, NodeAdmin, Record, MAX_SLOTS};
 use crate::ticket::{Ticket, MAX_TICKET_ADDRS};
 
 impl Mesh {
@@ -44,196 +43,83 @@ impl Mesh {
         }
     }
 
-    pub(super) fn master_record(&self) -> Option<&MasterInfo> {
-        match self.state.get("master") {
-            Some(Record::Master(m)) => Some(&m.0),
+    /// The master by the one rule of [`read::nodes::pick_master`], as of now.
+    pub(super) fn status_master_id(&self, now: u64) -> Option<NodeId> {
+        let record = match self.state.get("master") {
+            Some(Record::Master(m)) => Some(&m.0.master),
             _ => None,
-        }
+        };
+        read::nodes::pick_master(
+            &self.id,
+            self.election.is_master(now),
+            self.election.leader(),
+            record,
+            |id| self.liveness.is_online(id, now),
+        )
     }
 
-    /// The voters as the newest lease record says (every node has it), or as our own
-    /// configuration says when that is newer or no record exists yet.
-    pub(super) fn displayed_voters(&self) -> BTreeSet<NodeId> {
-        match self.master_record() {
-            Some(r) if r.epoch >= self.election.term() => r.voters.clone(),
-            _ => self.election.membership().all_voters(),
-        }
+    /// A snapshot of the current state (not published): what the views read.
+    pub(super) fn view(&self) -> Snapshot {
+        self.snapshots.build(self.local_facts())
     }
 
-    pub(super) fn status_view(&self) -> StatusView {
+    /// What this node knows beyond the records, as of now.
+    pub(super) fn local_facts(&self) -> LocalFacts {
         let now = self.now();
-        let is_master = self.election.is_master(now);
-        let record = self.master_record();
-        let (master, since) = if is_master {
-            (
-                Some(self.id.clone()),
-                record.filter(|r| r.master == self.id).map(|r| r.since_ms),
-            )
-        } else {
-            // Another node's claim, as long as it is alive; never our own lapsed lease.
-            match (self.election.leader(), record) {
-                (Some(leader), _) if leader != &self.id && self.liveness.is_online(leader, now) => {
-                    let since = record.filter(|r| &r.master == leader).map(|r| r.since_ms);
-                    (Some(leader.clone()), since)
-                }
-                (_, Some(r)) if r.master != self.id && self.liveness.is_online(&r.master, now) => {
-                    (Some(r.master.clone()), Some(r.since_ms))
-                }
-                _ => (None, None),
-            }
-        };
-        let epoch = self.election.term().max(record.map_or(0, |r| r.epoch));
-        let nodes = self.node_views();
-        let members = MemberCount {
-            online: nodes.iter().filter(|n| n.online && !n.removed).count(),
-            total: nodes.iter().filter(|n| !n.removed).count(),
-        };
-        let master_name = master
-            .as_ref()
-            .and_then(|m| nodes.iter().find(|n| &n.id == m))
-            .map(|n| n.name.clone());
-        let voters = self.displayed_voters().into_iter().collect();
-        StatusView {
-            node_id: self.id.clone(),
+        LocalFacts {
+            id: self.id.clone(),
             name: self.config.name.clone(),
             mesh_id: self.config.mesh_id.clone(),
-            master,
-            master_name,
-            master_since_ms: since,
-            epoch,
-            is_master,
-            voters,
-            members,
-            peers_connected: self.connected.len(),
+            at: now,
+            at_unix: unix_ms(),
+            is_master: self.election.is_master(now),
+            leader: self.election.leader().cloned(),
+            term: self.election.term(),
+            voters: self.election.membership().all_voters(),
+            liveness: self.liveness.clone(),
+            connected: self.connected.len(),
             listen_addrs: self
                 .listen_addrs
                 .iter()
                 .map(|a| with_peer(a, self.peer_id).to_string())
                 .collect(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            log_dir: self.config.runner.log_dir.clone(),
+            stream: self.started_unix_ms,
         }
     }
 
-    pub(super) fn node_views(&self) -> Vec<NodeView> {
+    /// Publish a snapshot when something changed, and at least every
+    /// [`SNAPSHOT_EVERY_MS`] (liveness and the lease age without record changes). Nodes
+    /// that went online or offline and a change of master are reported on the feed.
+    pub(super) fn publish_snapshot(&mut self, force: bool) {
         let now = self.now();
-        let master = self.status_master_id(now);
-        let voters = self.displayed_voters();
-        let mut views: Vec<NodeView> = self
-            .state
-            .with_prefix("node/")
-            .filter_map(|(_, r)| match r {
-                Record::Node(info) => {
-                    Some(self.node_view(&info.value, now, master.as_ref(), &voters))
-                }
-                _ => None,
-            })
+        if !force && !self.snapshots.is_dirty() && now < self.next_snapshot {
+            return;
+        }
+        self.next_snapshot = now + SNAPSHOT_EVERY_MS;
+        let mut snapshot = self.view();
+        let online = read::nodes::online_nodes(&snapshot);
+        let master = read::nodes::master_of(&snapshot);
+        let flipped: Vec<NodeId> = online
+            .symmetric_difference(&self.shown.online)
+            .cloned()
             .collect();
-        views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        views
-    }
-
-    /// The master as this node knows it: itself while it holds the lease, else the leader its
-    /// election heard from (voters and learners alike), else the lease record's holder, as long
-    /// as that node is online.
-    pub(super) fn status_master_id(&self, now: u64) -> Option<NodeId> {
-        if self.election.is_master(now) {
-            return Some(self.id.clone());
-        }
-        let online = |id: &NodeId| id != &self.id && self.liveness.is_online(id, now);
-        if let Some(leader) = self.election.leader().filter(|l| online(l)) {
-            return Some(leader.clone());
-        }
-        self.master_record()
-            .filter(|r| online(&r.master))
-            .map(|r| r.master.clone())
-    }
-
-    pub(super) fn node_view(
-        &self,
-        info: &NodeInfo,
-        now: u64,
-        master: Option<&NodeId>,
-        voters: &BTreeSet<NodeId>,
-    ) -> NodeView {
-        let admin = self.admin(&info.id);
-        let tags = match admin.and_then(|a| a.tags.as_ref()) {
-            Some(t) if t.stamp > info.settings_stamp => t.value.clone(),
-            _ => info.tags.clone(),
-        };
-        let slots = match admin.and_then(|a| a.slots.as_ref()) {
-            Some(s) if s.stamp > info.settings_stamp => s.value,
-            _ => info.slots,
-        };
-        let removed = self.admin_flag(&info.id, |a| &a.removed);
-        let draining = self.admin_flag(&info.id, |a| &a.draining);
-        let online = !removed && (info.id == self.id || self.liveness.is_online(&info.id, now));
-        let state = match (removed, online, draining) {
-            (true, _, _) => "removed",
-            (_, false, _) => "offline",
-            (_, true, true) => "draining",
-            _ => "online",
-        };
-        let last_seen_ms = if info.id == self.id {
-            unix_ms()
-        } else {
-            self.liveness
-                .last_heard_unix(&info.id, now, unix_ms())
-                .unwrap_or(info.heartbeat_ms)
-        };
-        NodeView {
-            id: info.id.clone(),
-            name: info.name.clone(),
-            tags,
-            slots,
-            online,
-            draining,
-            removed,
-            state,
-            master_eligible: info.master_eligible,
-            is_master: master == Some(&info.id),
-            is_voter: voters.contains(&info.id),
-            os: info.os.clone(),
-            arch: info.arch.clone(),
-            cpus: info.cpus,
-            memory_bytes: info.memory_bytes,
-            gpus: info.gpus.clone(),
-            version: info.version.clone(),
-            addrs: info.addrs.clone(),
-            api_url: info.api_url.clone(),
-            started_at_ms: info.started_at_ms,
-            last_seen_ms,
-            agents: info.agents.clone(),
-            local_repos: info.local_repos,
-        }
-    }
-
-    /// The name of node `id`, if its record is known.
-    pub(super) fn node_name(&self, id: &str) -> Option<String> {
-        match self.state.get(&Key::Node(id.to_string()).encode()) {
-            Some(Record::Node(info)) => Some(info.value.name.clone()),
-            _ => None,
-        }
-    }
-
-    pub(super) fn resolve_node(&self, target: &str) -> Result<NodeId, ActionError> {
-        let mut by_name = Vec::new();
-        for (_, record) in self.state.with_prefix("node/") {
-            if let Record::Node(info) = record {
-                if info.value.id == target {
-                    return Ok(info.value.id.clone());
-                }
-                if info.value.name == target {
-                    by_name.push(info.value.id.clone());
+        let master_changed = master != self.shown.master;
+        if !flipped.is_empty() || master_changed {
+            for id in &flipped {
+                self.snapshots.touch(&format!("node/{id}"));
+            }
+            if master_changed {
+                self.snapshots.touch("master");
+                // The old and the new master's `is_master` changed too.
+                for id in self.shown.master.iter().chain(master.iter()) {
+                    self.snapshots.touch(&format!("node/{id}"));
                 }
             }
+            snapshot = self.view();
+            self.shown = Shown { online, master };
         }
-        match by_name.len() {
-            1 => Ok(by_name.remove(0)),
-            0 => Err(ActionError::NotFound(target.to_string())),
-            _ => Err(ActionError::Invalid(format!(
-                "several nodes are named {target:?}; use the node id"
-            ))),
-        }
+        self.snapshots.publish(snapshot);
     }
 
     pub(super) fn node_action(
@@ -241,7 +127,7 @@ impl Mesh {
         target: &str,
         action: NodeAction,
     ) -> Result<NodeView, ActionError> {
-        let id = self.resolve_node(target)?;
+        let id = read::nodes::resolve_node(&self.view(), target)?;
         let stamp = self.stamp();
         let flag = |v: bool| Some(Lww::new(stamp.clone(), v));
         let admin = match action {
@@ -302,14 +188,6 @@ impl Mesh {
                 self.redial.remove(&peer);
             }
         }
-        let now = self.now();
-        let master = self.status_master_id(now);
-        let voters = self.displayed_voters();
-        match self.state.get(&Key::Node(id.clone()).encode()) {
-            Some(Record::Node(info)) => {
-                Ok(self.node_view(&info.value.clone(), now, master.as_ref(), &voters))
-            }
-            _ => Err(ActionError::NotFound(id)),
-        }
+        read::nodes::node_by_id(&self.view(), &id).ok_or(ActionError::NotFound(id))
     }
 }

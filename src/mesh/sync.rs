@@ -1,5 +1,5 @@
 //! Anti-entropy as the initiator: buckets → digests → records (+ push what the peer wants),
-//! repeated while the peer has more pages.
+//! repeated while the peer has more pages and the rounds make progress.
 
 use libp2p::PeerId;
 
@@ -7,8 +7,10 @@ use super::{Mesh, Purpose};
 use crate::metrics::Metrics;
 use crate::wire::{Request, Response, MAX_RECORDS_PER_MESSAGE};
 
-/// Most rounds one session may run (each round moves one page of records).
-const MAX_ROUNDS: u32 = 64;
+/// Most rounds in a row that change nothing here before a session stops (each round moves
+/// one page of records; a session goes on as long as pages keep changing records, so a new
+/// node fetches a large state in one session, page after page).
+const MAX_IDLE_ROUNDS: u32 = 8;
 
 impl Mesh {
     /// Start an anti-entropy session with `peer` unless one is running.
@@ -71,12 +73,16 @@ impl Mesh {
                     .iter()
                     .filter_map(|k| self.state.get(k).map(|r| (k.clone(), r.clone())))
                     .collect();
-                for page in wanted.chunks(MAX_RECORDS_PER_MESSAGE) {
-                    self.send(peer, Request::SyncPush(page.to_vec()), Purpose::SyncPush);
+                for page in crate::wire::pages(wanted) {
+                    self.send(peer, Request::SyncPush(page), Purpose::SyncPush);
                 }
-                let rounds = self.sync_sessions.get(&peer).copied().unwrap_or(0) + 1;
-                if more && rounds < MAX_ROUNDS {
-                    self.sync_sessions.insert(peer, rounds);
+                // The session's count is of rounds in a row that changed nothing here.
+                let idle = match changed {
+                    0 => self.sync_sessions.get(&peer).copied().unwrap_or(0) + 1,
+                    _ => 0,
+                };
+                if more && idle < MAX_IDLE_ROUNDS {
+                    self.sync_sessions.insert(peer, idle);
                     self.send(
                         peer,
                         Request::SyncBuckets(self.state.bucket_summary()),

@@ -45,7 +45,7 @@ impl Mesh {
                     ))
                 }
             }
-            Record::Node(_) | Record::Admin(_) => Ok(()),
+            Record::Node(_) | Record::Admin(_) | Record::Unknown { .. } => Ok(()),
         }
     }
 

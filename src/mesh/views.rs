@@ -132,3 +132,18 @@ pub enum ActionError {
     #[error("the node is shutting down")]
     Unavailable,
 }
+
+/// Who is master, as `GET /api/v1/events` reports it (`master` events).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MasterView {
+    /// Node id of the master, if one is known to hold the lease.
+    pub master: Option<String>,
+    /// Name of the master.
+    pub master_name: Option<String>,
+    /// The lease epoch.
+    pub epoch: u64,
+    /// Since when the master holds the lease (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Current voters.
+    pub voters: Vec<String>,
+}

@@ -2,6 +2,7 @@
 //! anti-entropy compares. Pure: persistence is the caller's job.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::records::{Key, Record, RecordError};
 
@@ -11,7 +12,8 @@ pub const BUCKETS: usize = 64;
 /// A record with its digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
-    record: Record,
+    /// Shared with the read snapshots, so they cost no copy of the record.
+    record: Arc<Record>,
     digest: u64,
 }
 
@@ -65,13 +67,13 @@ impl ReplicatedState {
         let bucket = bucket_of(key);
         match self.entries.get_mut(key) {
             Some(entry) => {
-                let mut merged = entry.record.clone();
+                let mut merged = (*entry.record).clone();
                 if !merged.merge(record) {
                     return Ok(None);
                 }
                 let digest = record_digest(&merged);
                 self.buckets[bucket] ^= entry_hash(key, entry.digest) ^ entry_hash(key, digest);
-                entry.record = merged.clone();
+                entry.record = Arc::new(merged.clone());
                 entry.digest = digest;
                 Ok(Some(merged))
             }
@@ -81,7 +83,7 @@ impl ReplicatedState {
                 self.entries.insert(
                     key.to_string(),
                     Entry {
-                        record: record.clone(),
+                        record: Arc::new(record.clone()),
                         digest,
                     },
                 );
@@ -97,7 +99,7 @@ impl ReplicatedState {
         record.validate(&parsed)?;
         match self.entries.get(key) {
             Some(entry) => {
-                let mut merged = entry.record.clone();
+                let mut merged = (*entry.record).clone();
                 Ok(merged.merge(record).then_some(merged))
             }
             None => Ok(Some(record.clone())),
@@ -106,12 +108,17 @@ impl ReplicatedState {
 
     /// The record under `key`.
     pub fn get(&self, key: &str) -> Option<&Record> {
-        self.entries.get(key).map(|e| &e.record)
+        self.entries.get(key).map(|e| &*e.record)
+    }
+
+    /// The record under `key`, shared (no copy).
+    pub fn get_shared(&self, key: &str) -> Option<Arc<Record>> {
+        self.entries.get(key).map(|e| e.record.clone())
     }
 
     /// All records, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Record)> {
-        self.entries.iter().map(|(k, e)| (k, &e.record))
+        self.entries.iter().map(|(k, e)| (k, &*e.record))
     }
 
     /// Records whose key starts with `prefix`.
@@ -122,7 +129,7 @@ impl ReplicatedState {
         self.entries
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(k, e)| (k, &e.record))
+            .map(|(k, e)| (k, &*e.record))
     }
 
     /// Number of records.
@@ -160,26 +167,48 @@ impl ReplicatedState {
     }
 
     /// Compare a peer's digests for `buckets` with ours. Returns the records the peer lacks or
-    /// holds differently (at most `limit`, plus whether more were left out) and the keys we
-    /// lack or hold differently.
+    /// holds differently (at most `limit` records and `max_bytes` of encoded key and record,
+    /// but always at least one; `more` tells whether any were left out) and the keys we lack
+    /// or hold differently. The page starts at the differing key number `start` (modulo their
+    /// count) and wraps around: a caller passing a random `start` keeps records the peer
+    /// refuses from filling every page and starving the others.
     pub fn reconcile(
         &self,
         buckets: &[u16],
         theirs: &[(String, u64)],
         limit: usize,
+        max_bytes: usize,
+        start: u64,
     ) -> Reconciliation {
         let their_map: BTreeMap<&str, u64> = theirs.iter().map(|(k, d)| (k.as_str(), *d)).collect();
         let mut out = Reconciliation::default();
-        for (key, digest) in self.digests_in(buckets) {
-            if their_map.get(key.as_str()) != Some(&digest) {
-                if out.records.len() < limit {
-                    if let Some(entry) = self.entries.get(&key) {
-                        out.records.push((key.clone(), entry.record.clone()));
-                    }
-                } else {
-                    out.more = true;
-                }
+        let differing: Vec<String> = self
+            .digests_in(buckets)
+            .into_iter()
+            .filter(|(key, digest)| their_map.get(key.as_str()) != Some(digest))
+            .map(|(key, _)| key)
+            .collect();
+        let start = match differing.len() {
+            0 => 0,
+            n => (start % n as u64) as usize,
+        };
+        let mut bytes = 0usize;
+        let (tail, head) = differing.split_at(start);
+        for key in head.iter().chain(tail) {
+            let Some(record) = self.get(key) else {
+                continue;
+            };
+            if out.records.len() >= limit {
+                out.more = true;
+                break;
             }
+            let size = key.len() + record.encoded_len();
+            if !out.records.is_empty() && bytes.saturating_add(size) > max_bytes {
+                out.more = true;
+                break;
+            }
+            bytes += size;
+            out.records.push((key.clone(), record.clone()));
         }
         for (key, digest) in theirs {
             if self.entries.get(key).map(|e| e.digest) != Some(*digest) {
@@ -266,7 +295,7 @@ mod tests {
             for (k, r) in &left { a.apply(k, r).unwrap(); }
             for (k, r) in &right { b.apply(k, r).unwrap(); }
             let buckets = b.differing_buckets(&a.bucket_summary());
-            let answer = b.reconcile(&buckets, &a.digests_in(&buckets), usize::MAX);
+            let answer = b.reconcile(&buckets, &a.digests_in(&buckets), usize::MAX, usize::MAX, 0);
             for (k, r) in &answer.records { a.apply(k, r).unwrap(); }
             for k in &answer.want {
                 if let Some(r) = a.get(k).cloned() { b.apply(k, &r).unwrap(); }
@@ -311,5 +340,71 @@ mod tests {
             .apply("admin/a", &admin_record(0, false))
             .unwrap()
             .is_none());
+    }
+
+    fn tagged_admin(tag_len: usize) -> Record {
+        let mut record = admin_record(1, true);
+        if let Record::Admin(admin) = &mut record {
+            let stamp = Stamp {
+                at: Hlc {
+                    wall_ms: 1,
+                    logical: 0,
+                },
+                by: "w".into(),
+            };
+            admin.tags = Some(Lww::new(stamp, vec!["t".repeat(tag_len); 4]));
+        }
+        record
+    }
+
+    #[test]
+    fn pages_are_bounded_by_bytes_and_always_make_progress() {
+        let mut full = ReplicatedState::default();
+        for i in 0..10 {
+            full.apply(&format!("admin/n{i}"), &tagged_admin(200))
+                .unwrap();
+        }
+        let size = full.get("admin/n0").unwrap().encoded_len() + "admin/n0".len();
+        let all: Vec<u16> = (0..BUCKETS as u16).collect();
+        // Three records' worth of bytes: pages of three, `more` set, until all arrived.
+        let mut empty = ReplicatedState::default();
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let page = full.reconcile(
+                &all,
+                &empty.digests_in(&all),
+                usize::MAX,
+                3 * size + 1,
+                rounds,
+            );
+            assert!(!page.records.is_empty() && page.records.len() <= 3);
+            for (k, r) in &page.records {
+                empty.apply(k, r).unwrap();
+            }
+            if !page.more {
+                break;
+            }
+            assert_eq!(page.records.len(), 3);
+        }
+        assert_eq!(rounds, 4);
+        assert_eq!(empty, full);
+        // A byte limit below one record still moves one record per page.
+        let page = full.reconcile(&all, &[], usize::MAX, 1, 7);
+        assert_eq!(page.records.len(), 1);
+        assert!(page.more);
+        // The count limit still holds.
+        let page = full.reconcile(&all, &[], 2, usize::MAX, 0);
+        assert_eq!((page.records.len(), page.more), (2, true));
+        let page = full.reconcile(&all, &[], usize::MAX, usize::MAX, 0);
+        assert_eq!((page.records.len(), page.more), (10, false));
+        // The page starts where the caller says: different starts, different first records.
+        let first = |start| {
+            full.reconcile(&all, &[], 1, usize::MAX, start).records[0]
+                .0
+                .clone()
+        };
+        assert_ne!(first(0), first(1));
+        assert_eq!(first(0), first(10));
     }
 }
