@@ -5,6 +5,11 @@
 //! to check what a restarted node makes of a crash at an awkward point. The variable is read
 //! once; after that a point costs one lookup in a short list, and with the variable unset
 //! every point is inert.
+//!
+//! An entry of the form `name=value` is a setting rather than a point: it changes what the
+//! node does without crashing it (for example `protocol_major=<n>` makes the node advertise
+//! another protocol major version, to test that its peers refuse it). Like the points,
+//! settings exist for tests only.
 
 use std::sync::OnceLock;
 
@@ -37,6 +42,18 @@ pub fn point(name: &str) {
     }
 }
 
+/// The value of the setting `name=value` in [`FAULTS_ENV`], if it has one.
+pub fn setting(name: &str) -> Option<&'static str> {
+    lookup(armed(), name)
+}
+
+fn lookup<'a>(entries: &'a [String], name: &str) -> Option<&'a str> {
+    entries.iter().find_map(|entry| {
+        let (key, value) = entry.split_once('=')?;
+        (key.trim() == name).then(|| value.trim())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,6 +62,14 @@ mod tests {
     fn the_variable_lists_points_by_name() {
         assert_eq!(parse(""), Vec::<String>::new());
         assert_eq!(parse(" a , b,,c "), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn settings_have_a_value() {
+        let entries = parse("crash_here, protocol_major=7");
+        assert_eq!(lookup(&entries, "protocol_major"), Some("7"));
+        assert_eq!(lookup(&entries, "crash_here"), None);
+        assert_eq!(lookup(&entries, "other"), None);
     }
 
     #[test]

@@ -91,6 +91,8 @@ fn validate(args: &NodeArgs) -> Result<(String, Vec<String>), NodeError> {
     for tag in &tags {
         validate_tag(tag).map_err(NodeError::Config)?;
     }
+    crate::http::limits::check(args.http_max_connections, args.max_event_streams)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     if args.slots > crate::proto::records::MAX_SLOTS {
         return Err(NodeError::Config(format!(
             "--slots must be at most {}",
@@ -179,21 +181,22 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     let net_task = tokio::spawn(event_loop.run());
     let mesh_task = tokio::spawn(mesh.run(events));
 
+    let streams = crate::http::limits::EventStreams::new(args.max_event_streams);
     let api = crate::http::router(crate::http::ApiState {
         mesh: handle.clone(),
         token: Arc::new(token),
         metrics,
         net: net_client,
+        streams: streams.clone(),
     });
+    let limits = server_limits(&args);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_for_server = stop_rx.clone();
     let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop_for_server.wait_for(|stop| *stop).await;
         };
-        axum::serve(listener, api)
-            .with_graceful_shutdown(shutdown)
-            .await
+        crate::http::limits::serve(listener, api, limits, shutdown).await
     });
     data.write_api_url(&local_url)?;
 
@@ -218,12 +221,36 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    streams.close();
     handle.shutdown();
     let _ = mesh_task.await;
     net_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     data.clear_api_url();
     Ok(())
+}
+
+/// The HTTP server's limits, from the options and the limit on open files (raised first, as
+/// far as the hard limit allows, to what the connection cap needs).
+fn server_limits(args: &NodeArgs) -> crate::http::limits::ServerLimits {
+    use crate::http::limits;
+    let mut max_connections = args.http_max_connections;
+    let wanted = u64::from(max_connections) + limits::RESERVED_FILES;
+    if let Some(files) = limits::raise_file_limit(wanted) {
+        let fitted = limits::fit_connections(max_connections, files);
+        if fitted < max_connections {
+            tracing::warn!(
+                "this process may open {files} files: serving at most {fitted} HTTP connections \
+                 instead of --http-max-connections {max_connections} (raise the limit with \
+                 `ulimit -n` or LimitNOFILE)"
+            );
+            max_connections = fitted;
+        }
+    }
+    limits::ServerLimits {
+        max_connections,
+        header_timeout: Duration::from_secs(args.http_header_timeout_secs),
+    }
 }
 
 /// Agents and directories for running jobs, from the options.

@@ -201,6 +201,33 @@ pub struct NodeArgs {
     /// HTTP API and dashboard address.
     #[arg(long, env = "CODEX_MESH_HTTP", default_value = "0.0.0.0:7780")]
     pub http: SocketAddr,
+    /// Most HTTP connections open at once; more clients wait until one closes (lowered to
+    /// what the limit on open files allows).
+    #[arg(
+        long,
+        env = "CODEX_MESH_HTTP_MAX_CONNECTIONS",
+        default_value_t = crate::http::limits::DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::value_parser!(u32).range(1..=crate::http::limits::MAX_CAP as i64)
+    )]
+    pub http_max_connections: u32,
+    /// Seconds a client has to send a request's headers; an idle connection is closed after
+    /// as long.
+    #[arg(
+        long,
+        env = "CODEX_MESH_HTTP_HEADER_TIMEOUT_SECS",
+        default_value_t = crate::http::limits::DEFAULT_HEADER_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub http_header_timeout_secs: u64,
+    /// Most event streams (server-sent events) this node serves at once; more get 503. Must
+    /// be below --http-max-connections.
+    #[arg(
+        long,
+        env = "CODEX_MESH_MAX_EVENT_STREAMS",
+        default_value_t = crate::http::limits::DEFAULT_MAX_EVENT_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..=crate::http::limits::MAX_CAP as i64)
+    )]
+    pub max_event_streams: u32,
     /// Worker only: never hold the master lease nor vote.
     #[arg(long, env = "CODEX_MESH_NO_MASTER")]
     pub no_master: bool,

@@ -2,11 +2,20 @@
 //! it through the cloneable [`Client`] and receives [`Event`]s from a channel.
 //!
 //! Transport: TCP, then the private-network handshake with the mesh key (a peer without the
-//! key cannot even start noise), then noise, then yamux.
+//! key cannot even start noise), then noise, then yamux. Peers exchange their protocol version
+//! with identify ([`version`]); the rest of the program hears of a peer only once its version
+//! is known to be compatible ([`admission`]).
+//!
+//! Requests travel on two request-response protocols: election messages on their own
+//! ([`ELECTION_PROTOCOL`]), with a small stream budget and a short timeout, so that no other
+//! traffic can hold them up; everything else on [`RPC_PROTOCOL`].
+
+mod admission;
+pub mod version;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::upgrade::Version;
@@ -22,7 +31,36 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::wire::{Request, Response, RPC_PROTOCOL, STATE_TOPIC};
+use crate::wire::{Request, Response, ELECTION_PROTOCOL, RPC_PROTOCOL, STATE_TOPIC};
+use admission::{Admission, Verdict};
+
+/// Streams one connection may have open at once on [`RPC_PROTOCOL`], both directions
+/// together; an inbound request over the budget is dropped (its sender sees a failure).
+pub const RPC_STREAMS: usize = 128;
+/// How long a request on [`RPC_PROTOCOL`] may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one connection may have open at once on [`ELECTION_PROTOCOL`]. A leader sends a
+/// heartbeat to each peer every 250 ms and each is answered at once, so this leaves room for
+/// a slow peer while keeping the protocol's streams well within yamux's limit per connection.
+pub const ELECTION_STREAMS: usize = 32;
+/// How long an election request may take: an answer later than a lease is of no use.
+const ELECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which request-response protocol a request travels on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Channel {
+    Rpc,
+    Election,
+}
+
+impl Channel {
+    fn of(request: &Request) -> Channel {
+        match request {
+            Request::Election(_) => Channel::Election,
+            _ => Channel::Rpc,
+        }
+    }
+}
 
 /// Network start-up failures.
 #[derive(Debug, Error)]
@@ -44,6 +82,7 @@ pub enum NetError {
 struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     rpc: request_response::cbor::Behaviour<Request, Response>,
+    election: request_response::cbor::Behaviour<Request, Response>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -53,14 +92,15 @@ struct Behaviour {
 pub enum Event {
     /// We listen on a new address.
     Listening(Multiaddr),
-    /// First connection to a peer opened.
+    /// A peer is connected and speaks our protocol version (its first connection opened and
+    /// identify showed its version).
     Connected {
         /// The peer.
         peer: PeerId,
         /// The address of the connection as seen from here.
         addr: Multiaddr,
     },
-    /// Last connection to a peer closed.
+    /// Last connection to a peer that was [`Event::Connected`] closed.
     Disconnected(PeerId),
     /// A gossip message arrived.
     Gossip {
@@ -153,9 +193,13 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    /// Outbound requests by protocol and id (each protocol numbers its requests itself).
+    pending: HashMap<(Channel, OutboundRequestId), oneshot::Sender<Result<Response, String>>>,
     topic: gossipsub::IdentTopic,
     metrics: Arc<Metrics>,
+    admission: Admission,
+    /// Our protocol major version.
+    major: u32,
 }
 
 /// Build the network: returns the client, the event receiver and the loop to spawn.
@@ -211,12 +255,27 @@ pub fn build(
                     codec,
                     [(StreamProtocol::new(RPC_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(10)),
+                        .with_request_timeout(RPC_TIMEOUT)
+                        .with_max_concurrent_streams(RPC_STREAMS),
                 );
-                let identify = identify::Behaviour::new(identify::Config::new(
-                    "/codex-mesh/1".into(),
-                    key.public(),
-                ));
+                // Election messages are small (a few voters and terms).
+                let election_codec = request_response::cbor::codec::Codec::default()
+                    .set_request_size_maximum(64 << 10)
+                    .set_response_size_maximum(64 << 10);
+                let election = request_response::Behaviour::with_codec(
+                    election_codec,
+                    [(
+                        StreamProtocol::new(ELECTION_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(ELECTION_TIMEOUT)
+                        .with_max_concurrent_streams(ELECTION_STREAMS),
+                );
+                let identify = identify::Behaviour::new(
+                    identify::Config::new(version::local(), key.public())
+                        .with_agent_version(format!("codex-mesh/{}", env!("CARGO_PKG_VERSION"))),
+                );
                 let ping = ping::Behaviour::new(
                     ping::Config::new()
                         .with_interval(Duration::from_secs(15))
@@ -225,6 +284,7 @@ pub fn build(
                 Ok(Behaviour {
                     gossipsub,
                     rpc,
+                    election,
                     identify,
                     ping,
                 })
@@ -254,6 +314,8 @@ pub fn build(
         pending: HashMap::new(),
         topic,
         metrics,
+        admission: Admission::default(),
+        major: version::local_major(),
     };
     Ok((
         Client {
@@ -267,6 +329,8 @@ pub fn build(
 impl EventLoop {
     /// Run until every client handle is dropped.
     pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -274,8 +338,73 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
+                _ = tick.tick() => self.expire_unidentified(),
             }
         }
+    }
+
+    /// Disconnect peers that connected but never told us their version.
+    fn expire_unidentified(&mut self) {
+        for peer in self.admission.expire(Instant::now()) {
+            tracing::warn!(
+                "peer {peer} did not identify itself within {}s: disconnecting",
+                admission::IDENTIFY_TIMEOUT.as_secs()
+            );
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Deliver a message from `peer` now, or once it is admitted.
+    fn deliver(&mut self, peer: &PeerId, event: Event) {
+        if let Some(event) = self.admission.deliver(peer, event) {
+            self.emit(event);
+        }
+    }
+
+    /// Identify told us a peer's version: admit it or refuse it.
+    fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        match self
+            .admission
+            .identified(peer, self.major, &info.protocol_version, Instant::now())
+        {
+            Verdict::Admitted(events) => {
+                for event in events {
+                    self.emit(event);
+                }
+            }
+            Verdict::Unchanged => {}
+            Verdict::Refused {
+                error,
+                warn,
+                was_admitted,
+            } => {
+                let ours = version::format(self.major, version::PROTOCOL_MINOR);
+                if warn {
+                    tracing::warn!(
+                        "refusing peer {peer}: it speaks protocol {:?} ({:?}), this node speaks {ours:?}: {error}",
+                        info.protocol_version,
+                        info.agent_version
+                    );
+                } else {
+                    tracing::debug!("refusing peer {peer} again: {error}");
+                }
+                if was_admitted {
+                    self.emit(Event::Disconnected(peer));
+                }
+                let _ = self.swarm.disconnect_peer_id(peer);
+                return;
+            }
+        }
+        if !self.admission.is_admitted(&peer) {
+            return;
+        }
+        for addr in &info.listen_addrs {
+            self.swarm.add_peer_address(peer, addr.clone());
+        }
+        self.emit(Event::PeerAddrs {
+            peer,
+            addrs: info.listen_addrs,
+        });
     }
 
     fn emit(&self, event: Event) {
@@ -303,10 +432,23 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
-                self.pending.insert(id, reply);
+                if self.admission.recently_refused(&peer, Instant::now()) {
+                    let _ = reply.send(Err(
+                        "the peer speaks an incompatible protocol version".into()
+                    ));
+                    return;
+                }
+                let channel = Channel::of(&request);
+                let behaviour = self.swarm.behaviour_mut();
+                let id = match channel {
+                    Channel::Rpc => behaviour.rpc.send_request(&peer, request),
+                    Channel::Election => behaviour.election.send_request(&peer, request),
+                };
+                self.pending.insert((channel, id), reply);
             }
             Command::Respond { channel, response } => {
+                // A response channel is the same oneshot for either protocol: answering it
+                // through `rpc` also answers a request that came in on `election`.
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -315,6 +457,10 @@ impl EventLoop {
             }
             Command::Dial { peer, addrs } => {
                 let opts = match peer {
+                    Some(peer) if self.admission.recently_refused(&peer, Instant::now()) => {
+                        tracing::debug!("not dialling {peer}: refused for its protocol version");
+                        return;
+                    }
                     Some(peer) => {
                         for addr in &addrs {
                             self.swarm.add_peer_address(peer, addr.clone());
@@ -350,10 +496,12 @@ impl EventLoop {
                     self.swarm.connected_peers().count() as u64,
                 );
                 if num_established.get() == 1 {
-                    self.emit(Event::Connected {
-                        peer: peer_id,
-                        addr: endpoint.get_remote_address().clone(),
-                    });
+                    // Announced once identify shows a compatible version.
+                    self.admission.connected(
+                        peer_id,
+                        endpoint.get_remote_address().clone(),
+                        Instant::now(),
+                    );
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -365,7 +513,7 @@ impl EventLoop {
                     &self.metrics.peers_connected,
                     self.swarm.connected_peers().count() as u64,
                 );
-                if num_established == 0 {
+                if num_established == 0 && self.admission.closed(&peer_id) {
                     self.emit(Event::Disconnected(peer_id));
                 }
             }
@@ -377,50 +525,59 @@ impl EventLoop {
                 tracing::debug!("refused incoming connection from {send_back_addr}: {error}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
                 message,
                 ..
             })) => match message.source {
-                Some(source) => self.emit(Event::Gossip {
-                    source,
-                    data: message.data,
-                }),
+                Some(source) => self.deliver(
+                    &propagation_source,
+                    Event::Gossip {
+                        source,
+                        data: message.data,
+                    },
+                ),
                 None => Metrics::inc(&self.metrics.gossip_dropped),
             },
-            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.on_rpc_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => {
+                self.on_rpc_event(Channel::Rpc, event)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Election(event)) => {
+                self.on_rpc_event(Channel::Election, event)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
                 ..
-            })) => {
-                for addr in &info.listen_addrs {
-                    self.swarm.add_peer_address(peer_id, addr.clone());
-                }
-                self.emit(Event::PeerAddrs {
-                    peer: peer_id,
-                    addrs: info.listen_addrs,
-                });
-            }
+            })) => self.on_identified(peer_id, info),
             _ => {}
         }
     }
 
-    fn on_rpc_event(&mut self, event: request_response::Event<Request, Response>) {
+    fn on_rpc_event(&mut self, on: Channel, event: request_response::Event<Request, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    self.emit(Event::Request {
-                        peer,
-                        request,
-                        channel,
-                    });
+                    if on == Channel::Election && Channel::of(&request) != Channel::Election {
+                        // The election protocol's budget is for election messages only.
+                        Metrics::inc(&self.metrics.wire_dropped);
+                        return;
+                    }
+                    self.deliver(
+                        &peer,
+                        Event::Request {
+                            peer,
+                            request,
+                            channel,
+                        },
+                    );
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
+                    if let Some(reply) = self.pending.remove(&(on, request_id)) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -428,7 +585,7 @@ impl EventLoop {
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
+                if let Some(reply) = self.pending.remove(&(on, request_id)) {
                     let _ = reply.send(Err(error.to_string()));
                 }
             }
