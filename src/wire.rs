@@ -7,18 +7,52 @@ use crate::proto::crdt::NodeId;
 use crate::proto::election;
 use crate::proto::ids::is_ulid;
 use crate::proto::jobs::{Assignment, JobRecord};
-use crate::proto::records::Record;
+use crate::proto::records::{Record, MAX_RECORD_BYTES};
 
 /// Gossipsub topic carrying state deltas and heartbeats.
 pub const STATE_TOPIC: &str = "codex-mesh/state/1";
 /// Request-response protocol name.
 pub const RPC_PROTOCOL: &str = "/codex-mesh/rpc/1";
+/// Request-response protocol that carries only `Request::Election`, with its own stream budget.
+pub const ELECTION_PROTOCOL: &str = "/codex-mesh/election/1";
 /// Largest gossip message we publish or accept (gossipsub's own limit is 64 KiB).
 pub const MAX_GOSSIP_BYTES: usize = 60 * 1024;
 /// Most records in one gossip delta or anti-entropy page.
 pub const MAX_RECORDS_PER_MESSAGE: usize = 256;
 /// Most keys listed in one digest exchange.
 pub const MAX_DIGESTS_PER_MESSAGE: usize = 100_000;
+/// Most encoded record bytes in one anti-entropy page (`Response::SyncRecords`,
+/// `Request::SyncPush`). A page holds at least one record, and one record is at most
+/// [`MAX_RECORD_BYTES`], so no page is larger than this. Well below the request-response
+/// codec's limits (8 MiB per request, 16 MiB per response, set in `net`), which also have
+/// to carry a page's `want` list.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+
+const _: () = assert!(MAX_RECORD_BYTES < MAX_PAGE_BYTES);
+
+/// Split records into pages of at most [`MAX_RECORDS_PER_MESSAGE`] records and
+/// [`MAX_PAGE_BYTES`] encoded bytes (a record alone is never split off: every page holds at
+/// least one).
+pub fn pages(records: Vec<(String, Record)>) -> Vec<Vec<(String, Record)>> {
+    let mut out: Vec<Vec<(String, Record)>> = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for (key, record) in records {
+        let size = key.len() + record.encoded_len();
+        if !current.is_empty()
+            && (current.len() >= MAX_RECORDS_PER_MESSAGE || bytes + size > MAX_PAGE_BYTES)
+        {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push((key, record));
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
 
 /// A gossip message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

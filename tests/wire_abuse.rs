@@ -247,6 +247,7 @@ fn assigned_job(id: &str, node: &str, epoch: u64, by: &str) -> JobRecord {
             submitted_via: by.to_string(),
             submitted_at_ms: 1,
             idempotency_key: None,
+            extra: Default::default(),
         },
         assignment: Some(MaxReg(Assignment {
             epoch,
@@ -263,6 +264,7 @@ fn assigned_job(id: &str, node: &str, epoch: u64, by: &str) -> JobRecord {
             stamp: stamp(by),
         }),
         attempts: Default::default(),
+        extra: Default::default(),
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::attempts::Attempts;
 use super::crdt::{Crdt, MaxReg, NodeId, Stamp};
-use super::records::MAX_TEXT_LEN;
+use super::records::{keep_unknown_fields, Extra, MAX_TEXT_LEN};
 
 /// Longest accepted prompt, in bytes.
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
@@ -81,8 +81,10 @@ pub struct Origin {
     pub user: Option<String>,
 }
 
-/// What to do. Written once at submission and never changed.
+/// What to do. Written once at submission and never changed. Fields this version does not
+/// know (from newer versions) are kept in `extra` and written back.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct JobSpec {
     /// Job id (ULID).
     pub id: String,
@@ -112,7 +114,29 @@ pub struct JobSpec {
     /// same job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Fields this version does not know, kept as they came.
+    #[serde(skip)]
+    pub extra: Extra,
 }
+
+keep_unknown_fields!(
+    JobSpec,
+    &[
+        "id",
+        "target",
+        "repos",
+        "prompt",
+        "agent",
+        "model",
+        "sandbox",
+        "timeout_secs",
+        "idle_timeout_secs",
+        "origin",
+        "submitted_via",
+        "submitted_at_ms",
+        "idempotency_key",
+    ]
+);
 
 impl JobSpec {
     /// Whether any repository is a path on the node's own disk (only nodes whose operator
@@ -144,6 +168,7 @@ impl JobSpec {
             submitted_via: "n1".into(),
             submitted_at_ms: 1,
             idempotency_key: None,
+            extra: Extra::default(),
         }
     }
 }
@@ -334,8 +359,9 @@ impl Ord for Progress {
     }
 }
 
-/// A job record, key `job/<id>`.
+/// A job record, key `job/<id>`. Fields this version does not know are kept in `extra`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct JobRecord {
     /// What to do.
     pub spec: JobSpec,
@@ -346,13 +372,42 @@ pub struct JobRecord {
     /// What is known of each attempt (node, end, times).
     #[serde(default)]
     pub attempts: Attempts,
+    /// Fields this version does not know, kept as they came.
+    #[serde(skip)]
+    pub extra: Extra,
+}
+
+keep_unknown_fields!(JobRecord, &["spec", "assignment", "progress", "attempts"]);
+
+/// Number of fields in the spec's encoding (known fields present plus unknown ones).
+fn field_count(spec: &JobSpec) -> usize {
+    12 + usize::from(spec.idempotency_key.is_some()) + spec.extra.len()
+}
+
+fn encoded(spec: &JobSpec) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    // Encoding our own in-memory types into a Vec cannot fail.
+    let _ = ciborium::into_writer(spec, &mut bytes);
+    bytes
+}
+
+/// Whether spec `b` wins over `a` in the write-once merge: the one whose encoding has more
+/// fields (so a copy re-encoded by a version that dropped fields never wins), then the
+/// smaller encoding (byte-wise). Both rules read only the encoding, so nodes of different
+/// versions pick the same spec.
+fn spec_wins(a: &JobSpec, b: &JobSpec) -> bool {
+    a != b
+        && field_count(b)
+            .cmp(&field_count(a))
+            .then_with(|| encoded(a).cmp(&encoded(b)))
+            .is_gt()
 }
 
 impl Crdt for JobRecord {
     fn merge(&mut self, other: &Self) -> bool {
-        // The spec is written once; two different specs under one id can only come from a
-        // faulty writer, and the smaller one wins everywhere.
-        let spec = if other.spec < self.spec {
+        // The spec is written once; two different specs under one id come from a faulty
+        // writer or from a version that lost fields: see `spec_wins`.
+        let spec = if spec_wins(&self.spec, &other.spec) {
             self.spec = other.spec.clone();
             true
         } else {
@@ -415,234 +470,4 @@ impl JobRecord {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::crdt::laws;
-    use super::super::hlc::Hlc;
-    use super::*;
-    use proptest::prelude::*;
-
-    fn spec(prompt: &str) -> JobSpec {
-        JobSpec::for_tests(prompt)
-    }
-
-    fn status() -> impl Strategy<Value = JobStatus> {
-        prop_oneof![
-            Just(JobStatus::Queued),
-            Just(JobStatus::Assigned),
-            Just(JobStatus::Preparing),
-            Just(JobStatus::Running),
-            Just(JobStatus::Succeeded),
-            Just(JobStatus::Failed),
-            Just(JobStatus::Cancelled),
-            Just(JobStatus::Lost),
-        ]
-    }
-
-    fn progress() -> impl Strategy<Value = Progress> {
-        (1u32..3, 0u64..3, status(), 0u64..4, "[ab]").prop_map(|(attempt, epoch, status, t, by)| {
-            Progress {
-                attempt,
-                assignment: (epoch, 1),
-                status,
-                reason: None,
-                result: None,
-                stamp: Stamp {
-                    at: Hlc {
-                        wall_ms: t,
-                        logical: 0,
-                    },
-                    by,
-                },
-            }
-        })
-    }
-
-    fn record() -> impl Strategy<Value = JobRecord> {
-        let assignment =
-            proptest::option::of((0u64..3, 0u64..3, "[xy]").prop_map(|(epoch, seq, node)| {
-                MaxReg(Assignment {
-                    epoch,
-                    seq,
-                    attempt: 1,
-                    node,
-                })
-            }));
-        (prop_oneof![Just("a"), Just("b")], assignment, progress()).prop_map(
-            |(p, assignment, progress)| JobRecord {
-                spec: spec(p),
-                assignment,
-                progress: MaxReg(progress),
-                attempts: Attempts::default(),
-            },
-        )
-    }
-
-    proptest! {
-        #[test]
-        fn job_records_obey_the_merge_laws(a in record(), b in record(), c in record()) {
-            laws::commutative(&a, &b);
-            laws::associative(&a, &b, &c);
-            laws::idempotent(&a);
-        }
-
-        #[test]
-        fn a_terminal_state_absorbs_its_attempt(done in progress(), other in progress()) {
-            prop_assume!(done.status.is_terminal() && other.attempt <= done.attempt);
-            let mut reg = MaxReg(done.clone());
-            reg.merge(&MaxReg(other));
-            prop_assert!(reg.0.status.is_terminal());
-            prop_assert_eq!(reg.0.attempt, done.attempt);
-        }
-
-        #[test]
-        fn status_never_moves_backwards_within_an_assignment(
-            a in progress(),
-            later in status(),
-            t in 0u64..4,
-        ) {
-            let mut b = a.clone();
-            b.status = later;
-            b.stamp.at.wall_ms = t;
-            let mut reg = MaxReg(a.clone());
-            reg.merge(&MaxReg(b.clone()));
-            prop_assert!(reg.0.status.rank() >= a.status.rank().max(b.status.rank()));
-        }
-    }
-
-    #[test]
-    fn a_stale_assignments_report_loses_to_the_current_one() {
-        let at = |t| Stamp {
-            at: Hlc {
-                wall_ms: t,
-                logical: 0,
-            },
-            by: "w".into(),
-        };
-        let stale_running = Progress {
-            attempt: 1,
-            assignment: (1, 1),
-            status: JobStatus::Running,
-            reason: None,
-            result: None,
-            stamp: at(9),
-        };
-        let reassigned = Progress {
-            attempt: 1,
-            assignment: (2, 1),
-            status: JobStatus::Assigned,
-            reason: None,
-            result: None,
-            stamp: at(5),
-        };
-        let mut reg = MaxReg(reassigned.clone());
-        assert!(!reg.merge(&MaxReg(stale_running)));
-        assert_eq!(reg.0, reassigned);
-    }
-
-    #[test]
-    fn a_retry_starts_a_new_attempt_from_queued() {
-        let stamp = Stamp {
-            at: Hlc {
-                wall_ms: 1,
-                logical: 0,
-            },
-            by: "m".into(),
-        };
-        let failed = Progress {
-            attempt: 1,
-            assignment: (1, 1),
-            status: JobStatus::Failed,
-            reason: Some("clone failed".into()),
-            result: None,
-            stamp: stamp.clone(),
-        };
-        let retry = Progress {
-            attempt: 2,
-            assignment: (0, 0),
-            status: JobStatus::Queued,
-            reason: None,
-            result: None,
-            stamp,
-        };
-        let mut reg = MaxReg(failed);
-        assert!(reg.merge(&MaxReg(retry.clone())));
-        assert_eq!(reg.0, retry);
-    }
-
-    #[test]
-    fn validation_refuses_bad_specs() {
-        let good = JobRecord {
-            spec: spec("fix the bug"),
-            attempts: Attempts::default(),
-            assignment: None,
-            progress: MaxReg(Progress {
-                attempt: 1,
-                assignment: (0, 0),
-                status: JobStatus::Queued,
-                reason: None,
-                result: None,
-                stamp: Stamp {
-                    at: Hlc::default(),
-                    by: "n1".into(),
-                },
-            }),
-        };
-        assert!(good.validate(&good.spec.id).is_ok());
-        assert!(good.validate("other").is_err());
-        let mut empty = good.clone();
-        empty.spec.prompt.clear();
-        assert!(empty.validate(&good.spec.id).is_err());
-        let mut huge = good;
-        huge.spec.prompt = "x".repeat(MAX_PROMPT_BYTES + 1);
-        assert!(huge.validate(&huge.spec.id.clone()).is_err());
-    }
-
-    #[test]
-    fn the_first_end_of_an_attempt_is_its_end() {
-        let at = |t, by: &str| Stamp {
-            at: Hlc {
-                wall_ms: t,
-                logical: 0,
-            },
-            by: by.into(),
-        };
-        // A cancel written at a peer that had not seen the assignment yet (old key)...
-        let cancelled = Progress {
-            attempt: 1,
-            assignment: (0, 0),
-            status: JobStatus::Cancelled,
-            reason: Some("cancelled via a".into()),
-            result: None,
-            stamp: at(10, "a"),
-        };
-        // ...is not undone by the worker's success reported after it under the real key.
-        let succeeded = Progress {
-            attempt: 1,
-            assignment: (3, 1),
-            status: JobStatus::Succeeded,
-            reason: None,
-            result: Some(JobResult::default()),
-            stamp: at(12, "w"),
-        };
-        let mut reg = MaxReg(cancelled.clone());
-        assert!(!reg.merge(&MaxReg(succeeded.clone())));
-        assert_eq!(reg.0, cancelled);
-        let mut reg = MaxReg(succeeded.clone());
-        assert!(reg.merge(&MaxReg(cancelled.clone())));
-        assert_eq!(reg.0, cancelled);
-        // A success that ended before the cancel was written stays.
-        let early = Progress {
-            stamp: at(8, "w"),
-            ..succeeded
-        };
-        let mut reg = MaxReg(cancelled);
-        assert!(reg.merge(&MaxReg(early.clone())));
-        assert_eq!(reg.0, early);
-    }
-
-    #[test]
-    fn statuses_parse_from_their_names() {
-        assert_eq!(JobStatus::parse("timed_out"), Some(JobStatus::TimedOut));
-        assert_eq!(JobStatus::parse("bogus"), None);
-    }
-}
+pub(crate) mod tests;

@@ -9,12 +9,20 @@ use thiserror::Error;
 use super::crdt::{Crdt, Lww, MaxReg, NodeId, Stamp};
 use super::jobs::JobRecord;
 
+mod unknown;
+pub(crate) use unknown::keep_unknown_fields;
+pub use unknown::{Extra, KNOWN_KINDS};
+
 /// Longest accepted key, node name, tag, address or free-text field, in bytes.
 pub const MAX_TEXT_LEN: usize = 256;
 /// Most tags, addresses or GPUs one node record may carry.
 pub const MAX_LIST_LEN: usize = 64;
 /// Most job slots a node may advertise.
 pub const MAX_SLOTS: u32 = 1024;
+/// Largest encoded size of one record. A job's result is capped at 1 MiB and its prompt at
+/// 64 KiB, so real records stay well below; anti-entropy pages (`wire::MAX_PAGE_BYTES`)
+/// are larger, so one record always fits a page.
+pub const MAX_RECORD_BYTES: usize = 2 << 20;
 
 /// A GPU found on a node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -26,7 +34,9 @@ pub struct Gpu {
 }
 
 /// Everything a node says about itself. Written only by that node, replaced as a whole.
+/// Fields it does not know (from newer versions) are kept in `extra` and written back.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct NodeInfo {
     /// The node's id (libp2p peer id).
     pub id: NodeId,
@@ -66,7 +76,34 @@ pub struct NodeInfo {
     /// Whether jobs may name repositories by local path on this node.
     #[serde(default)]
     pub local_repos: bool,
+    /// Fields this version does not know, kept as they came.
+    #[serde(skip)]
+    pub extra: Extra,
 }
+
+keep_unknown_fields!(
+    NodeInfo,
+    &[
+        "id",
+        "name",
+        "tags",
+        "slots",
+        "settings_stamp",
+        "master_eligible",
+        "os",
+        "arch",
+        "cpus",
+        "memory_bytes",
+        "gpus",
+        "version",
+        "addrs",
+        "api_url",
+        "started_at_ms",
+        "heartbeat_ms",
+        "agents",
+        "local_repos",
+    ]
+);
 
 /// Operator decisions about a node, writable from any peer; each field is last-writer-wins.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -107,8 +144,9 @@ pub struct MasterInfo {
     pub voters: BTreeSet<NodeId>,
 }
 
-/// One replicated record.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// One replicated record. Encoded as serde's externally tagged enum (a one-entry map from
+/// the kind's name to its body); see [`unknown`] for kinds this version does not know.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Record {
     /// A node's self-description, key `node/<id>`.
     Node(Lww<NodeInfo>),
@@ -118,6 +156,15 @@ pub enum Record {
     Master(MaxReg<MasterInfo>),
     /// A job, key `job/<id>`.
     Job(Box<JobRecord>),
+    /// A record of a kind this version does not know (or whose body it cannot decode),
+    /// under a key of an unknown kind ([`Key::Other`]): stored and relayed unchanged. Two
+    /// versions merge as a max register on `(kind, raw)` (byte-wise), so replicas agree.
+    Unknown {
+        /// The kind's name (the encoding's tag).
+        kind: String,
+        /// The body, as canonical CBOR.
+        raw: Vec<u8>,
+    },
 }
 
 /// The key under which a record lives.
@@ -131,6 +178,8 @@ pub enum Key {
     Master,
     /// `job/<id>`
     Job(String),
+    /// A well-formed key of a kind this version does not know (see [`Key::parse`]).
+    Other(String),
 }
 
 impl Key {
@@ -141,6 +190,7 @@ impl Key {
             Key::Admin(id) => format!("admin/{id}"),
             Key::Master => "master".to_string(),
             Key::Job(id) => format!("job/{id}"),
+            Key::Other(text) => text.clone(),
         }
     }
 
@@ -154,10 +204,38 @@ impl Key {
             Some(("admin", id)) if valid_id(id) => Key::Admin(id.to_string()),
             Some(("job", id)) if super::ids::is_ulid(id) => Key::Job(id.to_string()),
             None if text == "master" => Key::Master,
+            _ if other_key(text) => Key::Other(text.to_string()),
             _ => return Err(RecordError::BadKey(truncate(text))),
         };
         Ok(key)
     }
+}
+
+/// Whether `text` is a well-formed key of a kind this version does not know: a kind name of
+/// 1-32 lower-case letters, digits, `_` or `-` (starting with a letter, not one of ours),
+/// then optionally `/` and non-empty segments of letters, digits, `-`, `_`, `.`, `:`
+/// separated by `/`. The length is bounded by [`Key::parse`].
+fn other_key(text: &str) -> bool {
+    let (kind, rest) = match text.split_once('/') {
+        Some((kind, rest)) => (kind, Some(rest)),
+        None => (text, None),
+    };
+    let kind_ok = !kind.is_empty()
+        && kind.len() <= 32
+        && kind.starts_with(|c: char| c.is_ascii_lowercase())
+        && kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && !["node", "admin", "master", "job"].contains(&kind);
+    let rest_ok = rest.is_none_or(|rest| {
+        rest.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        })
+    });
+    kind_ok && rest_ok
 }
 
 /// Why a record was refused.
@@ -188,12 +266,43 @@ impl Record {
             (Record::Admin(a), Record::Admin(b)) => a.merge(b),
             (Record::Master(a), Record::Master(b)) => a.merge(b),
             (Record::Job(a), Record::Job(b)) => a.merge(b),
+            (
+                Record::Unknown { kind, raw },
+                Record::Unknown {
+                    kind: other_kind,
+                    raw: other_raw,
+                },
+            ) if (other_kind.as_str(), other_raw.as_slice()) > (kind.as_str(), raw.as_slice()) => {
+                kind.clone_from(other_kind);
+                raw.clone_from(other_raw);
+                true
+            }
             _ => false,
         }
     }
 
-    /// Check that the record may live under `key` and that its fields are within bounds.
+    /// Size of the record's CBOR encoding, in bytes (counted, not buffered).
+    pub fn encoded_len(&self) -> usize {
+        let mut counter = ByteCounter(0);
+        // Writing into a counter cannot fail.
+        let _ = ciborium::into_writer(self, &mut counter);
+        counter.0
+    }
+
+    /// Check that the record may live under `key`, that its fields are within bounds and
+    /// that its encoding is at most [`MAX_RECORD_BYTES`].
     pub fn validate(&self, key: &Key) -> Result<(), RecordError> {
+        self.validate_fields(key)?;
+        if self.encoded_len() > MAX_RECORD_BYTES {
+            return Err(RecordError::Invalid {
+                key: key.encode(),
+                reason: format!("encoded record over {MAX_RECORD_BYTES} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate_fields(&self, key: &Key) -> Result<(), RecordError> {
         let invalid = |reason: &str| RecordError::Invalid {
             key: key.encode(),
             reason: reason.to_string(),
@@ -235,6 +344,12 @@ impl Record {
                 Ok(())
             }
             (Key::Job(id), Record::Job(job)) => job.validate(id).map_err(|r| invalid(&r)),
+            // A kind of ours that did not decode, under any key, is refused on its own.
+            (Key::Other(_), Record::Unknown { kind, .. })
+                if !KNOWN_KINDS.contains(&kind.as_str()) =>
+            {
+                Ok(())
+            }
             _ => Err(RecordError::KindMismatch(key.encode())),
         }
     }
@@ -300,12 +415,27 @@ impl Record {
             Record::Admin(admin) => stamps(admin),
             Record::Master(_) => super::hlc::Hlc::default(),
             Record::Job(job) => job.progress.0.stamp.at,
+            Record::Unknown { .. } => super::hlc::Hlc::default(),
         }
     }
 }
 
 fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
+}
+
+/// A writer that only counts bytes.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -384,7 +514,9 @@ mod tests {
         }
         assert!(Key::parse("node/").is_err());
         assert!(Key::parse("node/a/b").is_err());
-        assert!(Key::parse("jobs/x").is_err());
+        // A kind this version does not know: kept, not refused.
+        assert_eq!(Key::parse("jobs/x"), Ok(Key::Other("jobs/x".into())));
+        assert!(Key::parse("jobs/a b").is_err());
     }
 
     #[test]

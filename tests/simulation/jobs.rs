@@ -417,6 +417,7 @@ impl Sim {
             submitted_via: self.nodes[i].id.clone(),
             submitted_at_ms: wall,
             idempotency_key: None,
+            extra: Default::default(),
         };
         let progress = Progress {
             attempt: 1,
@@ -433,6 +434,7 @@ impl Sim {
             assignment: None,
             progress: MaxReg(progress),
             attempts: Attempts::default(),
+            extra: Default::default(),
         };
         self.write(i, key, Record::Job(Box::new(record)))
     }

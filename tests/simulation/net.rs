@@ -201,9 +201,10 @@ impl Sim {
                 Ok(())
             }
             Payload::Digests(buckets, theirs) => {
-                let answer = self.nodes[to]
-                    .state
-                    .reconcile(&buckets, &theirs, PAGE_LIMIT);
+                let answer =
+                    self.nodes[to]
+                        .state
+                        .reconcile(&buckets, &theirs, PAGE_LIMIT, usize::MAX, 0);
                 if !answer.records.is_empty() || !answer.want.is_empty() || answer.more {
                     let payload = Payload::Records {
                         records: answer.records,

@@ -496,6 +496,7 @@ fn with_progress(job: &JobRecord, progress: Progress) -> JobRecord {
         assignment: job.assignment.clone(),
         progress: MaxReg(progress),
         attempts: job.attempts.clone(),
+        extra: job.extra.clone(),
     }
 }
 

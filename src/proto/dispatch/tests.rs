@@ -30,6 +30,7 @@ fn queued() -> JobRecord {
             stamp: stamp(1, "s"),
         }),
         attempts: Default::default(),
+        extra: Default::default(),
     }
 }
 

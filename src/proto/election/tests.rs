@@ -726,7 +726,11 @@ fn quorum_acked_at_is_the_newest_heartbeat_a_quorum_acknowledged() {
     a.step(&"b".into(), ack(now + 900), now + 910);
     assert_eq!(a.quorum_acked_at(), None, "two of five are no quorum");
     a.step(&"c".into(), ack(now + 250), now + 920);
-    assert_eq!(a.quorum_acked_at(), Some(now + 250), "a, b and c: the older of the two");
+    assert_eq!(
+        a.quorum_acked_at(),
+        Some(now + 250),
+        "a, b and c: the older of the two"
+    );
     a.step(&"d".into(), ack(now + 600), now + 930);
     assert_eq!(a.quorum_acked_at(), Some(now + 600), "a, b and d");
 }
