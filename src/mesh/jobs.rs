@@ -175,7 +175,7 @@ fn optional_text(value: Option<String>) -> Option<String> {
 
 impl Mesh {
     fn job(&self, id: &str) -> Option<&JobRecord> {
-        match self.state.get(&Key::Job(id.to_string()).encode()) {
+        match self.replica.state().get(&Key::Job(id.to_string()).encode()) {
             Some(Record::Job(job)) => Some(job),
             _ => None,
         }
@@ -183,7 +183,8 @@ impl Mesh {
 
     /// The job an `Idempotency-Key` created within the window, if any.
     fn job_with_key(&self, key: &str, now_ms: u64) -> Option<&JobRecord> {
-        self.state
+        self.replica
+            .state()
             .with_prefix("job/")
             .filter_map(|(_, r)| match r {
                 Record::Job(job) => Some(&**job),

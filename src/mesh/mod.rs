@@ -1,20 +1,26 @@
 //! The mesh runtime: one task that owns the replicated state, the store and the election, and
 //! drives them from network events, API requests and timers.
 //!
-//! * Replication: every local change is applied, persisted, then gossiped as a delta; on every
+//! * Replica ([`replica`]): records, store, clock and read snapshots, kept in step; every
+//!   change is persisted, applied, handed to the snapshot writer, then gossiped as a delta.
+//! * Reads ([`snapshot`], [`read`]): immutable snapshots and the change feed; the views are
+//!   functions over a snapshot, so the API never waits on this task.
+//! * Replication: on every
 //!   new connection and every few seconds with a random peer, anti-entropy compares summaries
 //!   and pulls and pushes what differs ([`sync`]).
 //! * Membership: node records are written by their owners; liveness comes from gossip
 //!   heartbeats; operators drain, edit, remove and re-admit nodes through admin records.
-//! * Election: [`crate::proto::election`] over request-response; the master writes the lease
-//!   record and manages the voters.
+//! * Election: [`crate::proto::election`] over its own request-response protocol; the master
+//!   writes the lease record and manages the voters ([`duties`]).
 
 pub mod clock;
+mod duties;
 pub mod handle;
 pub mod jobs;
 mod liveness;
 mod network;
 pub mod read;
+pub mod replica;
 pub mod runs;
 mod scheduler;
 pub mod snapshot;
@@ -34,12 +40,9 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::net::{self, Client};
-use crate::proto::crdt::{Lww, MaxReg, NodeId, Stamp};
+use crate::proto::crdt::{Lww, NodeId, Stamp};
 use crate::proto::election::{Election, HardState, Membership, Timing};
-use crate::proto::hlc::HlcClock;
-use crate::proto::records::{Key, MasterInfo, NodeAdmin, NodeInfo, Record};
-use crate::proto::state::ReplicatedState;
-use crate::proto::voters::{desired_voters, Candidate};
+use crate::proto::records::{NodeAdmin, Record};
 use crate::runner::{JobUpdate, RunnerConfig};
 use crate::store::{Store, StoreError};
 use crate::sysinfo::MachineInfo;
@@ -169,9 +172,7 @@ pub struct Mesh {
     config: MeshConfig,
     lease_clock: clock::LeaseClock,
     started_unix_ms: u64,
-    state: ReplicatedState,
-    store: Store,
-    clock: HlcClock,
+    replica: replica::Replica,
     election: Election,
     client: Client,
     metrics: Arc<Metrics>,
@@ -198,7 +199,6 @@ pub struct Mesh {
     term_ahead: Option<(u64, u64)>,
     accepted: crate::proto::dispatch::commit::Accepted,
     rng: u64,
-    snapshots: snapshot::SnapshotWriter,
     next_snapshot: u64,
     shown: Shown,
 }
@@ -235,14 +235,26 @@ impl Mesh {
         metrics: Arc<Metrics>,
     ) -> Result<(Mesh, MeshHandle), StoreError> {
         let id = peer_id.to_string();
-        let mut state = ReplicatedState::default();
-        let mut clock = HlcClock::default();
-        for (key, record) in store.load_records()? {
-            clock.observe(record.latest_hlc(), unix_ms());
-            if let Err(e) = state.apply(&key, &record) {
-                tracing::warn!("ignoring stored record {key}: {e}");
-            }
-        }
+        let (mut replica, reader) = replica::Replica::open(
+            store,
+            snapshot::LocalFacts {
+                id: id.clone(),
+                name: config.name.clone(),
+                mesh_id: config.mesh_id.clone(),
+                at: 0,
+                at_unix: unix_ms(),
+                is_master: false,
+                leader: None,
+                term: 0,
+                voters: BTreeSet::new(),
+                liveness: Liveness::default(),
+                connected: 0,
+                listen_addrs: Vec::new(),
+                log_dir: config.runner.log_dir.clone(),
+                stream: unix_ms(),
+            },
+        )?;
+        let store = replica.store();
         let hard = match store.get_meta::<HardState>(ELECTION_META)? {
             Some(hard) => hard,
             None => {
@@ -279,16 +291,14 @@ impl Mesh {
                 let s = OwnSettings {
                     tags: config.tags.clone(),
                     slots: config.slots,
-                    stamp: Stamp {
-                        at: clock.tick(unix_ms()),
-                        by: id.clone(),
-                    },
+                    stamp: replica.stamp(&id),
                 };
-                store.put_meta(SETTINGS_META, &s)?;
+                replica.store().put_meta(SETTINGS_META, &s)?;
                 s
             }
         };
-        let accepted = store
+        let accepted = replica
+            .store()
             .get_meta(scheduler::ACCEPTED_META)?
             .unwrap_or_default();
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>());
@@ -302,22 +312,6 @@ impl Mesh {
         );
         let jump_threshold = clock::jump_threshold_ms(&config.timing);
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
-        let (snapshots, reader) = snapshot::SnapshotWriter::new(snapshot::LocalFacts {
-            id: id.clone(),
-            name: config.name.clone(),
-            mesh_id: config.mesh_id.clone(),
-            at: 0,
-            at_unix: unix_ms(),
-            is_master: false,
-            leader: None,
-            term: 0,
-            voters: BTreeSet::new(),
-            liveness: Liveness::default(),
-            connected: 0,
-            listen_addrs: Vec::new(),
-            log_dir: config.runner.log_dir.clone(),
-            stream: unix_ms(),
-        });
         let handle = MeshHandle {
             inputs: inputs_tx.clone(),
             reader,
@@ -328,9 +322,7 @@ impl Mesh {
             config,
             lease_clock: clock::LeaseClock::new(jump_threshold),
             started_unix_ms: unix_ms(),
-            state,
-            store,
-            clock,
+            replica,
             election,
             client,
             metrics,
@@ -357,16 +349,9 @@ impl Mesh {
             term_ahead: None,
             accepted,
             rng: seed | 1,
-            snapshots,
             next_snapshot: 0,
             shown: Shown::default(),
         };
-        let loaded: Vec<String> = mesh.state.iter().map(|(k, _)| k.clone()).collect();
-        for key in loaded {
-            if let Some(record) = mesh.state.get_shared(&key) {
-                mesh.snapshots.record_changed(&key, record);
-            }
-        }
         mesh.publish_snapshot(true);
         Ok((mesh, handle))
     }
@@ -440,10 +425,7 @@ impl Mesh {
     }
 
     fn stamp(&mut self) -> Stamp {
-        Stamp {
-            at: self.clock.tick(unix_ms()),
-            by: self.id.clone(),
-        }
+        self.replica.stamp(&self.id)
     }
 
     // ---- timers ---------------------------------------------------------------------
@@ -492,8 +474,8 @@ impl Mesh {
                 at_ms: unix_ms(),
             };
             self.client.publish(beat.encode());
-            Metrics::set(&self.metrics.records, self.state.len() as u64);
-            Metrics::set(&self.metrics.store_bytes, self.store.size_bytes());
+            Metrics::set(&self.metrics.records, self.replica.state().len() as u64);
+            Metrics::set(&self.metrics.store_bytes, self.replica.store().size_bytes());
         }
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY_EVERY_MS;
@@ -509,85 +491,17 @@ impl Mesh {
         }
     }
 
-    /// Record (once per epoch and voter configuration) that we hold the lease.
-    fn publish_lease(&mut self, now: u64) {
-        let term = self.election.term();
-        let membership = self.election.membership().clone();
-        if self.master_written != Some((term, membership.index)) {
-            let since_ms = unix_ms()
-                .saturating_sub(now.saturating_sub(self.election.leader_since().unwrap_or(now)));
-            let record = Record::Master(MaxReg(MasterInfo {
-                epoch: term,
-                config_index: membership.index,
-                master: self.id.clone(),
-                since_ms,
-                voters: membership.all_voters(),
-            }));
-            if self.commit_local("master".into(), record).is_ok() {
-                self.master_written = Some((term, membership.index));
-            }
-        }
-    }
-
-    /// Move the voters towards 1, 3 or 5 live master-eligible nodes.
-    fn manage_voters(&mut self, now: u64) {
-        let membership = self.election.membership().clone();
-        let settled = self
-            .election
-            .leader_since()
-            .is_some_and(|since| now >= since + VOTER_CHANGE_SETTLE_MS);
-        if settled && self.election.can_change_voters(now) {
-            let candidates = self.voter_candidates(now);
-            if let Some(voters) = desired_voters(&membership.voters, &self.id, &candidates) {
-                tracing::info!(?voters, "changing voters");
-                match self.election.change_voters(voters, now) {
-                    Ok(actions) => self.execute(actions),
-                    Err(e) => tracing::debug!("voter change not started: {e}"),
-                }
-            }
-        }
-    }
-
-    fn voter_candidates(&self, now: u64) -> Vec<Candidate> {
-        self.state
-            .with_prefix("node/")
-            .filter_map(|(_, record)| match record {
-                Record::Node(info) => Some(&info.value),
-                _ => None,
-            })
-            .map(|info| {
-                // An acknowledged heartbeat is a sign of life too (gossip may be what is lost).
-                let acked = self.election.acked_at(&info.id);
-                let acked_within = |window: u64| acked.is_some_and(|at| at + window >= now);
-                let me = info.id == self.id;
-                Candidate {
-                    id: info.id.clone(),
-                    eligible: info.master_eligible && !self.admin_flag(&info.id, |a| &a.removed),
-                    online: me
-                        || self.liveness.is_online(&info.id, now)
-                        || acked_within(liveness::ONLINE_WINDOW_MS),
-                    recently_seen: me
-                        || self.liveness.recently_seen(&info.id, now)
-                        || acked_within(liveness::VOTER_GRACE_MS),
-                }
-            })
-            .collect()
-    }
-
     // ---- local writes ---------------------------------------------------------------
 
     /// Persist, apply, then gossip a change made here. Nothing is applied in memory unless
     /// it is in the store first.
     fn commit_local(&mut self, key: String, record: Record) -> Result<(), ActionError> {
-        let merged = match self.state.merged(&key, &record) {
+        let merged = match self.replica.commit(&key, &record) {
             Ok(Some(merged)) => merged,
             Ok(None) => return Ok(()),
-            Err(e) => return Err(ActionError::Invalid(e.to_string())),
+            Err(replica::ReplicaError::Invalid(e)) => return Err(ActionError::Invalid(e)),
+            Err(replica::ReplicaError::Store(e)) => return Err(ActionError::Store(e.to_string())),
         };
-        self.store
-            .put_records(&[(&key, &merged)])
-            .map_err(|e| ActionError::Store(e.to_string()))?;
-        let _ = self.state.apply(&key, &merged);
         self.after_change(&key, &merged);
         let delta = Gossip::Delta(vec![(key, merged)]).encode();
         if delta.len() <= crate::wire::MAX_GOSSIP_BYTES {
@@ -596,87 +510,35 @@ impl Mesh {
         Ok(())
     }
 
-    fn own_info(&self) -> NodeInfo {
-        let m = &self.config.machine;
-        NodeInfo {
-            id: self.id.clone(),
-            name: self.config.name.clone(),
-            tags: self.own_settings.tags.clone(),
-            slots: self.own_settings.slots,
-            settings_stamp: self.own_settings.stamp.clone(),
-            master_eligible: self.config.master_eligible,
-            os: m.os.clone(),
-            arch: m.arch.clone(),
-            cpus: m.cpus,
-            memory_bytes: m.memory_bytes,
-            gpus: m.gpus.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            addrs: self
-                .listen_addrs
-                .iter()
-                .take(16)
-                .map(|a| a.to_string())
-                .collect(),
-            api_url: self.config.api_url.clone(),
-            started_at_ms: self.started_unix_ms,
-            heartbeat_ms: unix_ms(),
-            agents: self.config.runner.agents.names(),
-            local_repos: self.config.runner.repos.allow_local,
-            extra: Default::default(),
-        }
-    }
-
-    fn write_own_record(&mut self) {
-        self.own_record_dirty = false;
-        self.next_record_refresh = self.now() + RECORD_REFRESH_EVERY_MS;
-        let stamp = self.stamp();
-        let record = Record::Node(Lww::new(stamp, self.own_info()));
-        let key = Key::Node(self.id.clone()).encode();
-        if let Err(e) = self.commit_local(key, record) {
-            tracing::warn!("cannot write own node record: {e}");
-        }
-    }
-
     // ---- remote changes -------------------------------------------------------------
 
     /// Merge records from a peer: the changed ones are persisted in one transaction, then
     /// applied. If the store refuses the batch, nothing is applied (anti-entropy brings the
     /// records again later). Returns how many changed.
     fn apply_remote(&mut self, records: Vec<(String, Record)>) -> usize {
-        let now_unix = unix_ms();
-        let mut changed: BTreeMap<String, Record> = BTreeMap::new();
+        let mut vouched = Vec::with_capacity(records.len());
         for (key, record) in records {
-            if let Err(e) = self.vouch(&record) {
-                self.note_term_ahead(&record);
-                Metrics::inc(&self.metrics.wire_dropped);
-                tracing::debug!("refused a record from a peer: {e}");
-                continue;
-            }
-            let base = changed.get(&key).cloned();
-            let result = match base {
-                // The same key twice in one batch: merge onto what this batch already has.
-                Some(mut pending) => Ok(pending.merge(&record).then_some(pending)),
-                None => self.state.merged(&key, &record),
-            };
-            match result {
-                Ok(Some(merged)) => {
-                    self.clock.observe(record.latest_hlc(), now_unix);
-                    changed.insert(key, merged);
-                }
-                Ok(None) => {}
+            match self.vouch(&record) {
+                Ok(()) => vouched.push((key, record)),
                 Err(e) => {
+                    self.note_term_ahead(&record);
                     Metrics::inc(&self.metrics.wire_dropped);
                     tracing::debug!("refused a record from a peer: {e}");
                 }
             }
         }
-        let rows: Vec<(&str, &Record)> = changed.iter().map(|(k, r)| (k.as_str(), r)).collect();
-        if let Err(e) = self.store.put_records(&rows) {
-            tracing::error!("cannot persist replicated records, dropping the batch: {e}");
-            return 0;
-        }
+        let (changed, refused) = self.replica.merge_batch(vouched, |_| true);
+        self.metrics
+            .wire_dropped
+            .fetch_add(refused as u64, std::sync::atomic::Ordering::Relaxed);
+        let changed = match changed {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::error!("cannot persist replicated records, dropping the batch: {e}");
+                return 0;
+            }
+        };
         for (key, record) in &changed {
-            let _ = self.state.apply(key, record);
             self.after_change(key, record);
         }
         changed.len()
@@ -684,9 +546,6 @@ impl Mesh {
 
     /// Side effects of a changed record.
     fn after_change(&mut self, key: &str, record: &Record) {
-        if let Some(shared) = self.state.get_shared(key) {
-            self.snapshots.record_changed(key, shared);
-        }
         match record {
             Record::Admin(admin) => {
                 let removed = admin.removed.as_ref().is_some_and(|r| r.value);
@@ -712,10 +571,7 @@ impl Mesh {
     }
 
     fn admin(&self, id: &str) -> Option<&NodeAdmin> {
-        match self.state.get(&Key::Admin(id.to_string()).encode()) {
-            Some(Record::Admin(a)) => Some(a),
-            _ => None,
-        }
+        self.replica.admin(id)
     }
 
     fn admin_flag(&self, id: &str, field: impl Fn(&NodeAdmin) -> &Option<Lww<bool>>) -> bool {

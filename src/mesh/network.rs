@@ -23,7 +23,7 @@ impl Mesh {
                 targets.entry(peer).or_default().push(addr.clone());
             }
         }
-        for (_, record) in self.state.with_prefix("node/") {
+        for (_, record) in self.replica.state().with_prefix("node/") {
             if let Record::Node(info) = record {
                 if let Ok(peer) = PeerId::from_str(&info.value.id) {
                     let addrs = info.value.addrs.iter().filter_map(|a| a.parse().ok());
@@ -162,10 +162,10 @@ impl Mesh {
                 Response::Election(replies)
             }
             Request::SyncBuckets(theirs) => {
-                Response::SyncDiffering(self.state.differing_buckets(&theirs))
+                Response::SyncDiffering(self.replica.state().differing_buckets(&theirs))
             }
             Request::SyncDigests { buckets, entries } => {
-                let r = self.state.reconcile(
+                let r = self.replica.state().reconcile(
                     &buckets,
                     &entries,
                     MAX_RECORDS_PER_MESSAGE,
@@ -213,7 +213,7 @@ impl Mesh {
         for action in actions {
             match action {
                 Action::Persist(hard) => {
-                    if let Err(e) = self.store.put_meta(ELECTION_META, &hard) {
+                    if let Err(e) = self.replica.store().put_meta(ELECTION_META, &hard) {
                         // Never act on a vote or term we could not persist.
                         tracing::error!("cannot persist election state: {e}; stopping");
                         std::process::exit(70);

@@ -45,7 +45,7 @@ impl Mesh {
         }
         // Judge the merge before applying it: applying first would stop a run that the
         // assignment only moves to a newer key.
-        let mut merged = match self.state.get(&key) {
+        let mut merged = match self.replica.state().get(&key) {
             Some(Record::Job(job)) => (**job).clone(),
             _ => record.clone(),
         };
@@ -90,7 +90,7 @@ impl Mesh {
         if !matches!(verdict, Verdict::Refuse(_)) {
             self.apply_remote(vec![(key.clone(), Record::Job(Box::new(record.clone())))]);
         }
-        let current = match self.state.get(&key) {
+        let current = match self.replica.state().get(&key) {
             Some(Record::Job(job)) => Some((**job).clone()),
             _ => None,
         };
@@ -226,7 +226,7 @@ impl Mesh {
             None
         };
         let record_key = Key::Job(update.id.clone()).encode();
-        if let Some(Record::Job(job)) = self.state.get(&record_key).cloned() {
+        if let Some(Record::Job(job)) = self.replica.state().get(&record_key).cloned() {
             if ours && worker::must_stop(&job, key, &self.id).is_none() {
                 self.record_update(&job, update.clone());
             }
@@ -276,7 +276,7 @@ impl Mesh {
     /// Start an assignment that waited for an older run of its job, if it is still current.
     fn start_pending(&mut self, next: Box<JobRecord>) {
         let key = Key::Job(next.spec.id.clone()).encode();
-        let Some(Record::Job(current)) = self.state.get(&key).cloned() else {
+        let Some(Record::Job(current)) = self.replica.state().get(&key).cloned() else {
             return;
         };
         let Some(assignment) = next.assignment.as_ref().map(|a| &a.0) else {
@@ -325,7 +325,8 @@ impl Mesh {
     /// becomes `lost`, "node restarted".
     pub(super) fn reconcile_at_start(&mut self, recovered: Vec<runner::Recovered>) {
         let mine: Vec<JobRecord> = self
-            .state
+            .replica
+            .state()
             .with_prefix("job/")
             .filter_map(|(_, r)| match r {
                 Record::Job(job) => Some((**job).clone()),
@@ -400,7 +401,12 @@ impl Mesh {
             return refuse(e);
         }
         self.liveness.heard(&peer.to_string(), now);
-        let known = |id: &str| self.state.get(&Key::Job(id.to_string()).encode()).is_some();
+        let known = |id: &str| {
+            self.replica
+                .state()
+                .get(&Key::Job(id.to_string()).encode())
+                .is_some()
+        };
         match request {
             Request::Log { job, offset } if known(&job) => {
                 let path = self.log_file(&job);

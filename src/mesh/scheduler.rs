@@ -43,7 +43,8 @@ impl Mesh {
     /// results, are left uncopied.
     fn open_jobs(&self) -> Vec<JobRecord> {
         let requeues = self.config.lost_requeues;
-        self.state
+        self.replica
+            .state()
             .with_prefix("job/")
             .filter_map(|(_, r)| match r {
                 Record::Job(job) if is_open(job, requeues) => Some((**job).clone()),
@@ -320,7 +321,7 @@ impl Mesh {
     }
 
     fn job_record(&self, id: &str) -> Option<JobRecord> {
-        match self.state.get(&Key::Job(id.to_string()).encode()) {
+        match self.replica.state().get(&Key::Job(id.to_string()).encode()) {
             Some(Record::Job(job)) => Some((**job).clone()),
             _ => None,
         }
@@ -346,7 +347,7 @@ impl Mesh {
                 fence.term
             ));
         }
-        let state = &self.state;
+        let state = self.replica.state();
         commit::prune(&mut self.accepted, |id| {
             match state.get(&Key::Job(id.to_string()).encode()) {
                 Some(Record::Job(job)) => Some(&**job),
@@ -386,7 +387,7 @@ impl Mesh {
         };
         let mut accepted = self.accepted.clone();
         commit::remember(&mut accepted, &id, &assignment);
-        let state = &self.state;
+        let state = self.replica.state();
         commit::prune(&mut accepted, |id| {
             match state.get(&Key::Job(id.to_string()).encode()) {
                 Some(Record::Job(job)) => Some(&**job),
@@ -394,7 +395,7 @@ impl Mesh {
             }
         });
         // Acknowledge only what is in the store.
-        if let Err(e) = self.store.put_meta(ACCEPTED_META, &accepted) {
+        if let Err(e) = self.replica.store().put_meta(ACCEPTED_META, &accepted) {
             return Response::Refused(format!("the assignment could not be stored: {e}"));
         }
         self.accepted = accepted;

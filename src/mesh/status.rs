@@ -21,7 +21,7 @@ impl Mesh {
             .iter()
             .map(|a| with_peer(a, self.peer_id))
             .collect();
-        for (_, record) in self.state.with_prefix("node/") {
+        for (_, record) in self.replica.state().with_prefix("node/") {
             if let Record::Node(info) = record {
                 let info = &info.value;
                 if info.id == self.id || !self.liveness.is_online(&info.id, now) {
@@ -45,7 +45,7 @@ impl Mesh {
 
     /// The master by the one rule of [`read::nodes::pick_master`], as of now.
     pub(super) fn status_master_id(&self, now: u64) -> Option<NodeId> {
-        let record = match self.state.get("master") {
+        let record = match self.replica.state().get("master") {
             Some(Record::Master(m)) => Some(&m.0.master),
             _ => None,
         };
@@ -60,7 +60,7 @@ impl Mesh {
 
     /// A snapshot of the current state (not published): what the views read.
     pub(super) fn view(&self) -> Snapshot {
-        self.snapshots.build(self.local_facts())
+        self.replica.snapshots().build(self.local_facts())
     }
 
     /// What this node knows beyond the records, as of now.
@@ -93,7 +93,7 @@ impl Mesh {
     /// that went online or offline and a change of master are reported on the feed.
     pub(super) fn publish_snapshot(&mut self, force: bool) {
         let now = self.now();
-        if !force && !self.snapshots.is_dirty() && now < self.next_snapshot {
+        if !force && !self.replica.snapshots().is_dirty() && now < self.next_snapshot {
             return;
         }
         self.next_snapshot = now + SNAPSHOT_EVERY_MS;
@@ -107,19 +107,19 @@ impl Mesh {
         let master_changed = master != self.shown.master;
         if !flipped.is_empty() || master_changed {
             for id in &flipped {
-                self.snapshots.touch(&format!("node/{id}"));
+                self.replica.snapshots_mut().touch(&format!("node/{id}"));
             }
             if master_changed {
-                self.snapshots.touch("master");
+                self.replica.snapshots_mut().touch("master");
                 // The old and the new master's `is_master` changed too.
                 for id in self.shown.master.iter().chain(master.iter()) {
-                    self.snapshots.touch(&format!("node/{id}"));
+                    self.replica.snapshots_mut().touch(&format!("node/{id}"));
                 }
             }
             snapshot = self.view();
             self.shown = Shown { online, master };
         }
-        self.snapshots.publish(snapshot);
+        self.replica.snapshots_mut().publish(snapshot);
     }
 
     pub(super) fn node_action(

@@ -21,7 +21,7 @@ impl Mesh {
         self.sync_sessions.insert(peer, 0);
         self.send(
             peer,
-            Request::SyncBuckets(self.state.bucket_summary()),
+            Request::SyncBuckets(self.replica.state().bucket_summary()),
             Purpose::SyncBuckets,
         );
     }
@@ -46,7 +46,7 @@ impl Mesh {
                     self.sync_sessions.remove(&peer);
                     return;
                 }
-                let entries = self.state.digests_in(&buckets);
+                let entries = self.replica.state().digests_in(&buckets);
                 self.send(
                     peer,
                     Request::SyncDigests { buckets, entries },
@@ -71,7 +71,7 @@ impl Mesh {
                     .fetch_add(changed as u64, std::sync::atomic::Ordering::Relaxed);
                 let wanted: Vec<_> = want
                     .iter()
-                    .filter_map(|k| self.state.get(k).map(|r| (k.clone(), r.clone())))
+                    .filter_map(|k| self.replica.state().get(k).map(|r| (k.clone(), r.clone())))
                     .collect();
                 for page in crate::wire::pages(wanted) {
                     self.send(peer, Request::SyncPush(page), Purpose::SyncPush);
@@ -85,7 +85,7 @@ impl Mesh {
                     self.sync_sessions.insert(peer, idle);
                     self.send(
                         peer,
-                        Request::SyncBuckets(self.state.bucket_summary()),
+                        Request::SyncBuckets(self.replica.state().bucket_summary()),
                         Purpose::SyncBuckets,
                     );
                 } else {
