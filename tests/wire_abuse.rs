@@ -44,7 +44,15 @@ struct Attacker {
 
 impl Attacker {
     fn connect(node: &Node, data: &Path) -> Attacker {
-        let status = node.status().expect("status");
+        // A node answers its API before its listen address is known.
+        let status = common::poll(Duration::from_secs(30), "a listen address", || {
+            let status = node.status()?;
+            if status.listen_addrs.is_empty() {
+                Err("no listen address yet".to_string())
+            } else {
+                Ok(status)
+            }
+        });
         let addr: Multiaddr = status.listen_addrs[0].parse().expect("multiaddr");
         let target = PeerId::from_str(&status.node_id).expect("peer id");
         let keypair = identity::Keypair::generate_ed25519();

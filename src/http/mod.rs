@@ -185,6 +185,13 @@ async fn node(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Respo
 }
 
 async fn ticket(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    // A ticket without addresses would let no one join.
+    if s.mesh.status().listen_addrs.is_empty() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node is not listening on the mesh yet; ask again in a moment".into(),
+        ));
+    }
     let ticket = s.mesh.ticket().await.ok_or_else(unavailable)?;
     Ok(Json(json!({ "ticket": ticket })).into_response())
 }

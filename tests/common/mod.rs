@@ -675,9 +675,10 @@ impl Node {
         struct Ticket {
             ticket: String,
         }
-        let ticket: Ticket = self
-            .get_json("/api/v1/ticket")
-            .unwrap_or_else(|e| panic!("fetch ticket: {e}"));
+        // 503 until the node listens on the mesh.
+        let ticket: Ticket = poll(Duration::from_secs(30), "a join ticket", || {
+            self.get_json("/api/v1/ticket")
+        });
         ticket.ticket
     }
 
