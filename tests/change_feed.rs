@@ -117,13 +117,21 @@ fn seq_of(id: &Option<String>) -> u64 {
         .expect("an event id <stream>-<seq>")
 }
 
-fn is_job(event: &SseEvent, id: &str, status: &str) -> bool {
-    event.event == "job" && event.data["id"] == id && event.data["status"] == status
+/// Wait until `node` knows a node with the tag `busy`.
+fn wait_for_busy_tag(node: &common::Node) {
+    poll(WAIT, "the node with the busy tag to be known", || {
+        let nodes = node.nodes()?;
+        nodes
+            .iter()
+            .any(|n| n.tags == vec!["busy".to_string()])
+            .then_some(())
+            .ok_or_else(|| format!("{nodes:?}"))
+    });
 }
 
-#[test]
-fn the_mesh_event_stream_carries_changes_and_resumes_after_the_last_event_id() {
-    // Jobs for the tag wait in the queue: its only node has no free slot.
+/// A mesh of `n1` and `n2`, where `n2` carries the tag `busy` and has no free slot, so jobs
+/// for the tag wait in the queue.
+fn mesh_with_a_full_node() -> Mesh {
     let specs = vec![
         ("n1".to_string(), NodeOptions::default()),
         (
@@ -131,21 +139,23 @@ fn the_mesh_event_stream_carries_changes_and_resumes_after_the_last_event_id() {
             NodeOptions::with_extra(&["--tags", "busy", "--slots", "0"]),
         ),
     ];
-    let mesh = Mesh::start_with(BIN, specs);
+    Mesh::start_with(BIN, specs)
+}
+
+fn is_job(event: &SseEvent, id: &str, status: &str) -> bool {
+    event.event == "job" && event.data["id"] == id && event.data["status"] == status
+}
+
+#[test]
+fn the_mesh_event_stream_carries_changes_and_resumes_after_the_last_event_id() {
+    let mesh = mesh_with_a_full_node();
     let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
     let master = poll(WAIT, "a master", || {
         n1.status()?
             .master
             .ok_or_else(|| "no master yet".to_string())
     });
-    poll(WAIT, "n1 to know n2's tag", || {
-        let nodes = n1.nodes()?;
-        nodes
-            .iter()
-            .any(|n| n.tags == vec!["busy".to_string()])
-            .then_some(())
-            .ok_or_else(|| format!("{nodes:?}"))
-    });
+    wait_for_busy_tag(n1);
 
     // A new reader first gets every object once: both nodes and the master.
     let mut stream = SseStream::open(n1.endpoint(), "/api/v1/events", None);
@@ -232,23 +242,9 @@ fn the_mesh_event_stream_carries_changes_and_resumes_after_the_last_event_id() {
 
 #[test]
 fn the_job_event_stream_follows_a_queued_job_without_polling_the_mesh() {
-    let specs = vec![
-        ("n1".to_string(), NodeOptions::default()),
-        (
-            "n2".to_string(),
-            NodeOptions::with_extra(&["--tags", "busy", "--slots", "0"]),
-        ),
-    ];
-    let mesh = Mesh::start_with(BIN, specs);
+    let mesh = mesh_with_a_full_node();
     let n1 = &mesh.nodes[0];
-    poll(WAIT, "n1 to know the tag", || {
-        let nodes = n1.nodes()?;
-        nodes
-            .iter()
-            .any(|n| n.tags == vec!["busy".to_string()])
-            .then_some(())
-            .ok_or_else(|| format!("{nodes:?}"))
-    });
+    wait_for_busy_tag(n1);
     let id = submit_job(n1, json!({"prompt": "wait", "tag": "busy"}));
     let mut stream = SseStream::open(n1.endpoint(), &format!("/api/v1/jobs/{id}/events"), None);
     stream.until(WAIT, "the job as it is", |e| is_job(e, &id, "queued"));

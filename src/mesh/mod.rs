@@ -237,22 +237,12 @@ impl Mesh {
         let id = peer_id.to_string();
         let (mut replica, reader) = replica::Replica::open(
             store,
-            snapshot::LocalFacts {
-                id: id.clone(),
-                name: config.name.clone(),
-                mesh_id: config.mesh_id.clone(),
-                at: 0,
-                at_unix: unix_ms(),
-                is_master: false,
-                leader: None,
-                term: 0,
-                voters: BTreeSet::new(),
-                liveness: Liveness::default(),
-                connected: 0,
-                listen_addrs: Vec::new(),
-                log_dir: config.runner.log_dir.clone(),
-                stream: unix_ms(),
-            },
+            snapshot::LocalFacts::before_start(
+                &id,
+                &config.name,
+                &config.mesh_id,
+                config.runner.log_dir.clone(),
+            ),
         )?;
         let store = replica.store();
         let hard = match store.get_meta::<HardState>(ELECTION_META)? {

@@ -210,22 +210,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn local() -> LocalFacts {
-        LocalFacts {
-            id: "me".into(),
-            name: "me".into(),
-            mesh_id: "m".into(),
-            at: 0,
-            at_unix: 0,
-            is_master: false,
-            leader: None,
-            term: 0,
-            voters: BTreeSet::new(),
-            liveness: Default::default(),
-            connected: 0,
-            listen_addrs: vec![],
-            log_dir: "/nonexistent".into(),
-            stream: 1,
-        }
+        LocalFacts::before_start("me", "me", "m", "/nonexistent".into())
     }
 
     fn master(epoch: u64) -> Record {

@@ -60,6 +60,29 @@ pub struct LocalFacts {
     pub stream: u64,
 }
 
+impl LocalFacts {
+    /// The facts of a node that has not started yet: not master, no peers, no addresses.
+    pub fn before_start(id: &str, name: &str, mesh_id: &str, log_dir: PathBuf) -> LocalFacts {
+        let now = super::unix_ms();
+        LocalFacts {
+            id: id.to_string(),
+            name: name.to_string(),
+            mesh_id: mesh_id.to_string(),
+            at: 0,
+            at_unix: now,
+            is_master: false,
+            leader: None,
+            term: 0,
+            voters: BTreeSet::new(),
+            liveness: Liveness::default(),
+            connected: 0,
+            listen_addrs: Vec::new(),
+            log_dir,
+            stream: now,
+        }
+    }
+}
+
 /// An immutable view of the mesh as one node knows it.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -254,22 +277,7 @@ mod tests {
     use crate::proto::crdt::MaxReg;
 
     fn local() -> LocalFacts {
-        LocalFacts {
-            id: "me".into(),
-            name: "me".into(),
-            mesh_id: "m".into(),
-            at: 0,
-            at_unix: 0,
-            is_master: false,
-            leader: None,
-            term: 0,
-            voters: BTreeSet::new(),
-            liveness: Liveness::default(),
-            connected: 0,
-            listen_addrs: vec![],
-            log_dir: PathBuf::from("/nonexistent"),
-            stream: 5,
-        }
+        LocalFacts::before_start("me", "me", "m", PathBuf::from("/nonexistent"))
     }
 
     fn master(epoch: u64) -> Arc<Record> {
