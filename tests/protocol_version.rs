@@ -33,14 +33,25 @@ fn a_node_of_another_major_version_is_refused() {
     odd.wait_ready(READY_TIMEOUT);
     let odd_id = odd.id().to_string();
 
+    // Both sides refuse; whichever reads the other's version first closes the connection,
+    // so the other side may never see it. One of the two logs the refusal.
     let refusal = format!("refusing peer {odd_id}");
-    let line = poll(CONVERGE_TIMEOUT, "n1 to refuse the odd node", || {
-        log_of(&mesh, "n1")
-            .lines()
-            .find(|line| line.contains(&refusal))
-            .map(str::to_string)
-            .ok_or_else(|| "no refusal in n1's log yet".to_string())
-    });
+    let n1_id = mesh.nodes[0].id().to_string();
+    let odd_refusal = format!("refusing peer {n1_id}");
+    let line = poll(
+        CONVERGE_TIMEOUT,
+        "a refusal between n1 and the odd node",
+        || {
+            let n1_log = log_of(&mesh, "n1");
+            let odd_log = log_of(&mesh, "odd");
+            n1_log
+                .lines()
+                .find(|line| line.contains(&refusal))
+                .or_else(|| odd_log.lines().find(|line| line.contains(&odd_refusal)))
+                .map(str::to_string)
+                .ok_or_else(|| "no refusal logged yet".to_string())
+        },
+    );
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("codex-mesh/99.0"), "{line}");
     assert!(line.contains("codex-mesh/1.0"), "{line}");
@@ -72,7 +83,6 @@ fn a_node_of_another_major_version_is_refused() {
         .lines()
         .filter(|line| line.contains(&refusal) && line.contains("WARN"))
         .count();
-    assert_eq!(warnings, 1, "{}", log_of(&mesh, "n1"));
-    // (Whether the odd node logs a refusal of n1 depends on which side closes first.)
+    assert!(warnings <= 1, "{}", log_of(&mesh, "n1"));
     odd.terminate(Duration::from_secs(30));
 }
