@@ -18,16 +18,11 @@ use std::time::{Duration, Instant};
 use ciborium::Value;
 use codex_mesh::metrics::Metrics;
 use codex_mesh::net;
-use codex_mesh::proto::crdt::{MaxReg, Stamp};
-use codex_mesh::proto::hlc::Hlc;
 use codex_mesh::proto::ids::ulid;
-use codex_mesh::proto::jobs::{
-    JobRecord, JobResult, JobSpec, JobStatus, Origin, Progress, Sandbox, Target,
-};
 use codex_mesh::proto::records::{Extra, Record};
 use codex_mesh::proto::state::BUCKETS;
 use codex_mesh::wire::{Request, Response};
-use common::{join_args, poll, up_args, Node, NodeOptions};
+use common::{join_args, poll, records, up_args, Node, NodeOptions};
 use libp2p::{identity, Multiaddr, PeerId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
@@ -129,51 +124,11 @@ fn notice() -> Record {
 /// A finished job whose spec carries a field this version does not know.
 fn job_with_unknown_field() -> (String, Record) {
     let id = ulid(1_700_000_000_000, 7);
-    let stamp = Stamp {
-        at: Hlc {
-            wall_ms: 1,
-            logical: 0,
-        },
-        by: "injector".into(),
-    };
     let mut extra = Extra::default();
     extra.insert("priority", &Value::Integer(7.into()));
-    let record = JobRecord {
-        spec: JobSpec {
-            id: id.clone(),
-            target: Target::Any,
-            repos: Vec::new(),
-            prompt: "from a newer version".into(),
-            agent: "none".into(),
-            model: None,
-            sandbox: Sandbox::WorkspaceWrite,
-            timeout_secs: 60,
-            idle_timeout_secs: 60,
-            origin: Origin {
-                kind: "api".into(),
-                reply_to: None,
-                user: None,
-            },
-            submitted_via: "injector".into(),
-            submitted_at_ms: 1,
-            idempotency_key: None,
-            extra,
-        },
-        assignment: None,
-        progress: MaxReg(Progress {
-            attempt: 1,
-            assignment: (0, 0),
-            status: JobStatus::Succeeded,
-            reason: None,
-            result: Some(JobResult {
-                final_message: Some("done".into()),
-                ..JobResult::default()
-            }),
-            stamp,
-        }),
-        attempts: Default::default(),
-        extra: Default::default(),
-    };
+    let mut spec = records::job_spec(&id, "from a newer version", "none", "injector");
+    spec.extra = extra;
+    let record = records::finished_job(spec, "done".into());
     (format!("job/{id}"), Record::Job(Box::new(record)))
 }
 

@@ -16,15 +16,10 @@ use std::time::{Duration, Instant};
 
 use codex_mesh::metrics::Metrics;
 use codex_mesh::net;
-use codex_mesh::proto::crdt::{MaxReg, Stamp};
-use codex_mesh::proto::hlc::Hlc;
 use codex_mesh::proto::ids::ulid;
-use codex_mesh::proto::jobs::{
-    JobRecord, JobResult, JobSpec, JobStatus, Origin, Progress, Sandbox, Target,
-};
 use codex_mesh::proto::records::Record;
 use codex_mesh::wire::{Request, Response};
-use common::{join_args, poll_every, up_args, Node, NodeOptions};
+use common::{join_args, poll_every, records, up_args, Node, NodeOptions};
 use libp2p::{identity, Multiaddr, PeerId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_codex-mesh");
@@ -42,52 +37,11 @@ fn mesh_key(data_dir: &Path) -> [u8; 32] {
 /// A finished job whose final message is `RESULT_BYTES` long (the largest result accepted).
 fn big_job(n: usize) -> (String, Record) {
     let id = ulid(1_700_000_000_000 + n as u64, n as u128 + 1);
-    let stamp = Stamp {
-        at: Hlc {
-            wall_ms: 1,
-            logical: 0,
-        },
-        by: "injector".into(),
-    };
     let message = ((b'a' + (n % 26) as u8) as char)
         .to_string()
         .repeat(RESULT_BYTES);
-    let record = JobRecord {
-        spec: JobSpec {
-            id: id.clone(),
-            target: Target::Any,
-            repos: Vec::new(),
-            prompt: format!("job {n}"),
-            agent: "none".into(),
-            model: None,
-            sandbox: Sandbox::WorkspaceWrite,
-            timeout_secs: 60,
-            idle_timeout_secs: 60,
-            origin: Origin {
-                kind: "api".into(),
-                reply_to: None,
-                user: None,
-            },
-            submitted_via: "injector".into(),
-            submitted_at_ms: 1,
-            idempotency_key: None,
-            extra: Default::default(),
-        },
-        assignment: None,
-        progress: MaxReg(Progress {
-            attempt: 1,
-            assignment: (0, 0),
-            status: JobStatus::Succeeded,
-            reason: None,
-            result: Some(JobResult {
-                final_message: Some(message),
-                ..JobResult::default()
-            }),
-            stamp,
-        }),
-        attempts: Default::default(),
-        extra: Default::default(),
-    };
+    let spec = records::job_spec(&id, &format!("job {n}"), "none", "injector");
+    let record = records::finished_job(spec, message);
     (format!("job/{id}"), Record::Job(Box::new(record)))
 }
 

@@ -16,6 +16,8 @@
 // Each test binary / example uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod records;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
