@@ -32,6 +32,26 @@ fn node(id: &str, voters: &[&str], now: u64) -> Election {
     Election::new(id.into(), hard, Timing::default(), true, now, 7)
 }
 
+/// Let `e` campaign at `now` and win term 1 with the pre-votes and votes of `voters`.
+fn win_first_term(e: &mut Election, voters: &[&str], now: u64) {
+    e.tick(now);
+    for voter in voters {
+        let reply = Message::PreVoteReply {
+            term: 1,
+            granted: true,
+            leader: None,
+        };
+        e.step(&(*voter).into(), reply, now);
+    }
+    for voter in voters {
+        let reply = Message::VoteReply {
+            term: 1,
+            granted: true,
+        };
+        e.step(&(*voter).into(), reply, now);
+    }
+}
+
 #[test]
 fn quorum_needs_a_majority_of_both_sides_during_a_change() {
     let mut m = membership(&["a", "b", "c"]);
@@ -98,24 +118,7 @@ fn the_lease_lapses_without_fresh_acknowledgements() {
     let mut a = node("a", &["a", "b", "c"], 0);
     let mut now = t.election_max_ms + 1;
     // Campaign: pre-vote, then vote, answered by b.
-    a.tick(now);
-    a.step(
-        &"b".into(),
-        Message::PreVoteReply {
-            term: 1,
-            granted: true,
-            leader: None,
-        },
-        now,
-    );
-    a.step(
-        &"b".into(),
-        Message::VoteReply {
-            term: 1,
-            granted: true,
-        },
-        now,
-    );
+    win_first_term(&mut a, &["b"], now);
     assert!(a.is_leader());
     assert!(!a.is_master(now), "no heartbeat acknowledged yet");
     a.step(

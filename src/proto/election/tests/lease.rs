@@ -8,24 +8,7 @@ fn acked_at_reports_the_newest_acknowledged_heartbeat_while_leading() {
     let mut a = node("a", &["a", "b", "c"], 0);
     let now = t.election_max_ms + 1;
     assert_eq!(a.acked_at(&"b".into()), None, "not leading");
-    a.tick(now);
-    a.step(
-        &"b".into(),
-        Message::PreVoteReply {
-            term: 1,
-            granted: true,
-            leader: None,
-        },
-        now,
-    );
-    a.step(
-        &"b".into(),
-        Message::VoteReply {
-            term: 1,
-            granted: true,
-        },
-        now,
-    );
+    win_first_term(&mut a, &["b"], now);
     assert!(a.is_leader());
     assert_eq!(a.acked_at(&"b".into()), None, "nothing acknowledged yet");
     let ack = |sent_at| Message::HeartbeatAck {
@@ -115,28 +98,7 @@ fn quorum_acked_at_is_the_newest_heartbeat_a_quorum_acknowledged() {
     let mut a = node("a", &["a", "b", "c", "d", "e"], 0);
     let now = t.election_max_ms + 1;
     assert_eq!(a.quorum_acked_at(), None, "not leading");
-    a.tick(now);
-    for voter in ["b", "c"] {
-        a.step(
-            &voter.into(),
-            Message::PreVoteReply {
-                term: 1,
-                granted: true,
-                leader: None,
-            },
-            now,
-        );
-    }
-    for voter in ["b", "c"] {
-        a.step(
-            &voter.into(),
-            Message::VoteReply {
-                term: 1,
-                granted: true,
-            },
-            now,
-        );
-    }
+    win_first_term(&mut a, &["b", "c"], now);
     assert!(a.is_leader());
     assert_eq!(a.quorum_acked_at(), None, "nothing acknowledged yet");
     let ack = |sent_at| Message::HeartbeatAck {
