@@ -72,7 +72,10 @@ impl Mesh {
             mesh_id: self.config.mesh_id.clone(),
             at: now,
             at_unix: unix_ms(),
-            is_master: self.election.is_master(now),
+            master_until_unix: self
+                .election
+                .lease_expires_at(now)
+                .map(|until| unix_ms().saturating_add(until.saturating_sub(now))),
             leader: self.election.leader().cloned(),
             term: self.election.term(),
             voters: self.election.membership().all_voters(),

@@ -32,7 +32,7 @@ pub fn master_of(snap: &Snapshot) -> Option<NodeId> {
     let local = snap.local();
     pick_master(
         &local.id,
-        local.is_master,
+        local.is_master_now(),
         local.leader.as_ref(),
         snap.master_record().map(|r| &r.master),
         |id| local.liveness.is_online(id, local.at),
@@ -74,7 +74,7 @@ pub fn status(snap: &Snapshot) -> StatusView {
         master_name,
         master_since_ms: since,
         epoch: local.term.max(record.map_or(0, |r| r.epoch)),
-        is_master: local.is_master,
+        is_master: local.is_master_now(),
         voters: displayed_voters(snap).into_iter().collect(),
         members,
         peers_connected: local.connected,

@@ -40,8 +40,10 @@ pub struct LocalFacts {
     pub at: u64,
     /// Unix ms when the facts were taken.
     pub at_unix: u64,
-    /// Whether this node held the lease.
-    pub is_master: bool,
+    /// Until when (Unix ms) this node holds the lease without further acknowledgements;
+    /// `None` when it did not hold it. Judged at read time, so that a snapshot taken before
+    /// the process was paused does not claim the lease afterwards.
+    pub master_until_unix: Option<u64>,
     /// The leader this node's election knows of.
     pub leader: Option<NodeId>,
     /// This node's election term.
@@ -70,7 +72,7 @@ impl LocalFacts {
             mesh_id: mesh_id.to_string(),
             at: 0,
             at_unix: now,
-            is_master: false,
+            master_until_unix: None,
             leader: None,
             term: 0,
             voters: BTreeSet::new(),
@@ -80,6 +82,14 @@ impl LocalFacts {
             log_dir,
             stream: now,
         }
+    }
+}
+
+impl LocalFacts {
+    /// Whether this node holds the lease now, by the wall clock.
+    pub fn is_master_now(&self) -> bool {
+        self.master_until_unix
+            .is_some_and(|until| super::unix_ms() < until)
     }
 }
 

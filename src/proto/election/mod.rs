@@ -240,6 +240,26 @@ impl Election {
             .find(|&cutoff| self.quorum_since(l, cutoff))
     }
 
+    /// When leading: the time (on the clock of `tick` and `step`) at which [`Election::is_master`]
+    /// turns false unless more acknowledgements arrive; `None` when not master now.
+    pub fn lease_expires_at(&self, now: u64) -> Option<u64> {
+        let Role::Leader(l) = &self.role else {
+            return None;
+        };
+        if !self.is_master(now) {
+            return None;
+        }
+        if self.sole_voter() {
+            return Some(u64::MAX);
+        }
+        let acked = self.quorum_acked_at()?;
+        Some(
+            acked
+                .max(l.lease_floor)
+                .saturating_add(self.timing.lease_ms),
+        )
+    }
+
     fn quorum_since(&self, l: &LeaderState, cutoff: u64) -> bool {
         self.quorum_with_us(l.acked.iter().filter(|(_, &sent)| sent >= cutoff))
     }
