@@ -20,6 +20,8 @@ pub struct Metrics {
     pub anti_entropy_rounds: AtomicU64,
     /// Records changed locally by anti-entropy.
     pub anti_entropy_records_received: AtomicU64,
+    /// Jobs whose history this node compacted (past the horizon).
+    pub jobs_compacted: AtomicU64,
     /// Current election term.
     pub election_term: AtomicU64,
     /// 1 while this node acts as master.
@@ -55,6 +57,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "anti_entropy_records_received_total",
         "Records changed locally by anti-entropy.",
     ),
+    (
+        "jobs_compacted_total",
+        "Finished jobs whose history this node compacted (past the horizon).",
+    ),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -75,6 +81,11 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Add `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Raise a gauge to `value` if it is lower.
     pub fn raise(gauge: &AtomicU64, value: u64) {
         gauge.fetch_max(value, Ordering::Relaxed);
@@ -93,6 +104,7 @@ impl Metrics {
             "wire_messages_dropped_total" => &self.wire_dropped,
             "anti_entropy_rounds_total" => &self.anti_entropy_rounds,
             "anti_entropy_records_received_total" => &self.anti_entropy_records_received,
+            "jobs_compacted_total" => &self.jobs_compacted,
             "peers_connected" => &self.peers_connected,
             "election_term" => &self.election_term,
             "is_master" => &self.is_master,

@@ -151,7 +151,12 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
     let keypair = data.identity()?;
     let peer_id = keypair.public().to_peer_id();
     let token = data.api_token()?;
-    let store = Store::open(&data.store_path())?;
+    // Opening may compact the file (after history compaction freed much of it): off the
+    // async runtime.
+    let store_path = data.store_path();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+        .await
+        .map_err(|e| NodeError::Config(format!("opening the store stopped: {e}")))??;
     let metrics = Arc::new(Metrics::default());
     let (client, events, event_loop) =
         crate::net::build(keypair, *mesh_key.expose(), &args.listen, metrics.clone())?;
@@ -171,6 +176,7 @@ pub async fn run(mode: StartMode, args: NodeArgs) -> Result<(), NodeError> {
         machine: crate::sysinfo::probe(),
         runner: Arc::new(runner_config(&args, &data)?),
         lost_requeues: args.lost_requeues,
+        job_history_days: args.job_history_days,
     };
     let mesh_id = config.mesh_id.clone();
     let net_client = client.clone();

@@ -237,6 +237,7 @@ fn stamp(by: &str) -> Stamp {
 /// A job record assigned to `node` by a master of `epoch`.
 fn assigned_job(id: &str, node: &str, epoch: u64, by: &str) -> JobRecord {
     JobRecord {
+        compacted: false,
         spec: JobSpec {
             id: id.to_string(),
             target: Target::Any,

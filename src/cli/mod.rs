@@ -291,6 +291,17 @@ pub struct NodeArgs {
     /// How many times a job whose node went offline is queued again (as a new attempt).
     #[arg(long, env = "CODEX_MESH_LOST_REQUEUES", default_value_t = 1)]
     pub lost_requeues: u32,
+    /// Finished jobs that ended more than this many days ago are compacted on every node:
+    /// the record keeps its summary (status, times, node, repos, token usage), the final
+    /// message, diff summary, command list and log are dropped. The master's setting counts;
+    /// 0 keeps all history.
+    #[arg(
+        long,
+        env = "CODEX_MESH_JOB_HISTORY_DAYS",
+        default_value_t = crate::proto::history::DEFAULT_HISTORY_DAYS,
+        value_parser = clap::value_parser!(u32).range(0..=crate::proto::history::MAX_HISTORY_DAYS as i64)
+    )]
+    pub job_history_days: u32,
     /// Keep the work directories of jobs that did not succeed (for inspection).
     #[arg(long, env = "CODEX_MESH_KEEP_FAILED_WORKDIRS")]
     pub keep_failed_workdirs: bool,

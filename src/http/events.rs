@@ -17,8 +17,9 @@ use tokio::sync::broadcast;
 
 use super::ApiState;
 use crate::mesh::read;
-use crate::mesh::snapshot::feed::{kind_of, Change, ChangeKind, EventId};
+use crate::mesh::snapshot::feed::{kind_of, Change, EventId};
 use crate::mesh::snapshot::Snapshot;
+use crate::proto::records::Key;
 
 /// Most events taken from one snapshot before they are sent (bounds a reader's queue).
 const BATCH: usize = 64;
@@ -92,16 +93,11 @@ impl FeedState {
 /// not there, say a node operator record without the node's own record yet).
 fn event_for(snapshot: &Snapshot, key: &str) -> Option<Event> {
     let kind = kind_of(key)?;
-    let data = match kind {
-        ChangeKind::Node => {
-            let id = key.strip_prefix("node/")?;
-            serde_json::to_string(&read::nodes::node_by_id(snapshot, id)?)
-        }
-        ChangeKind::Job => {
-            let id = key.strip_prefix("job/")?;
-            serde_json::to_string(&read::jobs::get(snapshot, id).ok()?)
-        }
-        ChangeKind::Master => serde_json::to_string(&read::nodes::master_view(snapshot)),
+    let data = match Key::parse(key).ok()? {
+        Key::Node(id) => serde_json::to_string(&read::nodes::node_by_id(snapshot, &id)?),
+        Key::Job(id) => serde_json::to_string(&read::jobs::get(snapshot, &id).ok()?),
+        Key::Master => serde_json::to_string(&read::nodes::master_view(snapshot)),
+        Key::Admin(_) | Key::History | Key::Other(_) => return None,
     }
     .ok()?;
     Some(Event::default().event(kind.event_name()).data(data))

@@ -15,6 +15,7 @@ use super::{ApiError, ApiState};
 use crate::mesh::jobs::JobView;
 use crate::mesh::snapshot::feed::Change;
 use crate::proto::jobs::JobStatus;
+use crate::proto::records::Key;
 use crate::runner::events;
 
 /// How often a running job's log is read while it is on this node.
@@ -55,7 +56,7 @@ pub(super) async fn events(
     s.mesh.job(&id)?;
     let state = EventState {
         s,
-        key: format!("job/{id}"),
+        key: Key::Job(id.clone()).encode(),
         id,
         feed,
         offset: 0,
@@ -197,8 +198,17 @@ async fn poll_job(state: &mut EventState) {
             }
             state.offset >= size
         }
-        // No log to be had (its worker is gone): end with the status alone.
-        Err(_) => true,
+        // No log to be had (its worker is gone, or it was dropped with the job's history):
+        // end with the status alone, saying why when the log is gone for good.
+        Err(ApiError(status, message)) => {
+            if status == axum::http::StatusCode::GONE && state.note.as_deref() != Some(&message) {
+                state
+                    .pending
+                    .push_back(Event::default().event("note").data(message.clone()));
+                state.note = Some(message);
+            }
+            true
+        }
     };
     push_job_if_changed(state, &job);
     if terminal && drained {

@@ -20,6 +20,7 @@ impl From<JobError> for ApiError {
             JobError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JobError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             JobError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            JobError::Gone(_) => StatusCode::GONE,
         };
         ApiError(status, e.to_string())
     }

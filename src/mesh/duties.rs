@@ -2,59 +2,45 @@
 //! node's own record.
 
 use super::liveness;
-use super::{unix_ms, Mesh, RECORD_REFRESH_EVERY_MS, VOTER_CHANGE_SETTLE_MS};
+use super::{unix_ms, Mesh, RECORD_REFRESH_EVERY_MS};
 use crate::proto::crdt::{Lww, MaxReg};
-use crate::proto::records::{Key, MasterInfo, NodeInfo, Record};
-use crate::proto::voters::{desired_voters, Candidate};
+use crate::proto::lookup::RecordLookup;
+use crate::proto::records::{Key, NodeInfo, Record};
+use crate::proto::voters::Candidate;
 
 impl Mesh {
     /// Record (once per epoch and voter configuration) that we hold the lease.
     pub(super) fn publish_lease(&mut self, now: u64) {
-        let term = self.election.term();
-        let membership = self.election.membership().clone();
-        if self.master_written != Some((term, membership.index)) {
-            let since_ms = unix_ms()
-                .saturating_sub(now.saturating_sub(self.election.leader_since().unwrap_or(now)));
-            let record = Record::Master(MaxReg(MasterInfo {
-                epoch: term,
-                config_index: membership.index,
-                master: self.id.clone(),
-                since_ms,
-                voters: membership.all_voters(),
-            }));
-            if self.commit_local("master".into(), record).is_ok() {
-                self.master_written = Some((term, membership.index));
-            }
+        let since_ms = unix_ms()
+            .saturating_sub(now.saturating_sub(self.election.leader_since().unwrap_or(now)));
+        let Some(info) = self.duties.lease_record(&self.election, since_ms) else {
+            return;
+        };
+        let record = Record::Master(MaxReg(info.clone()));
+        if self.commit_local(Key::Master.encode(), record).is_ok() {
+            self.duties.lease_written(&info);
         }
     }
 
     /// Move the voters towards 1, 3 or 5 live master-eligible nodes.
     pub(super) fn manage_voters(&mut self, now: u64) {
-        let membership = self.election.membership().clone();
-        let settled = self
-            .election
-            .leader_since()
-            .is_some_and(|since| now >= since + VOTER_CHANGE_SETTLE_MS);
-        if settled && self.election.can_change_voters(now) {
-            let candidates = self.voter_candidates(now);
-            if let Some(voters) = desired_voters(&membership.voters, &self.id, &candidates) {
-                tracing::info!(?voters, "changing voters");
-                match self.election.change_voters(voters, now) {
-                    Ok(actions) => self.execute(actions),
-                    Err(e) => tracing::debug!("voter change not started: {e}"),
-                }
+        if !self.duties.may_change_voters(&self.election, now) {
+            return;
+        }
+        let candidates = self.voter_candidates(now);
+        if let Some(voters) = self.duties.voter_change(&self.election, now, &candidates) {
+            tracing::info!(?voters, "changing voters");
+            match self.election.change_voters(voters, now) {
+                Ok(actions) => self.execute(actions),
+                Err(e) => tracing::debug!("voter change not started: {e}"),
             }
         }
     }
 
     pub(super) fn voter_candidates(&self, now: u64) -> Vec<Candidate> {
         self.replica
-            .state()
-            .with_prefix("node/")
-            .filter_map(|(_, record)| match record {
-                Record::Node(info) => Some(&info.value),
-                _ => None,
-            })
+            .all_nodes()
+            .map(|info| &info.value)
             .map(|info| {
                 // An acknowledged heartbeat is a sign of life too (gossip may be what is lost).
                 let acked = self.election.acked_at(&info.id);
@@ -64,10 +50,10 @@ impl Mesh {
                     id: info.id.clone(),
                     eligible: info.master_eligible && !self.admin_flag(&info.id, |a| &a.removed),
                     online: me
-                        || self.liveness.is_online(&info.id, now)
+                        || self.peers.liveness().is_online(&info.id, now)
                         || acked_within(liveness::ONLINE_WINDOW_MS),
                     recently_seen: me
-                        || self.liveness.recently_seen(&info.id, now)
+                        || self.peers.liveness().recently_seen(&info.id, now)
                         || acked_within(liveness::VOTER_GRACE_MS),
                 }
             })

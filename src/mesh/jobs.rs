@@ -14,6 +14,7 @@ use crate::proto::jobs::{
     JobRecord, JobResult, JobSpec, JobStatus, Origin, Progress, RepoSpec, Sandbox, Target,
     MAX_PROMPT_BYTES, MAX_REPOS, MAX_TIMEOUT_SECS,
 };
+use crate::proto::lookup::RecordLookup;
 use crate::proto::records::{validate_tag, Key, Record};
 use crate::proto::repo_spec::parse_repo;
 
@@ -102,6 +103,9 @@ pub enum JobError {
     /// An `Idempotency-Key` came back with a different request.
     #[error("{0}")]
     KeyReused(String),
+    /// What was asked for was dropped with the job's history.
+    #[error("{0}")]
+    Gone(String),
 }
 
 /// A job as the API shows it.
@@ -125,6 +129,9 @@ pub struct JobView {
     pub updated_at_ms: u64,
     /// Every attempt so far, the current one last.
     pub attempts: Vec<AttemptView>,
+    /// The job ended before the mesh's history horizon: `result` keeps only its summary
+    /// (exit code, token usage, durations), and its log was dropped.
+    pub compacted: bool,
     /// The spec.
     #[serde(flatten)]
     pub spec: JobSpec,
@@ -184,12 +191,7 @@ impl Mesh {
     /// The job an `Idempotency-Key` created within the window, if any.
     fn job_with_key(&self, key: &str, now_ms: u64) -> Option<&JobRecord> {
         self.replica
-            .state()
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) => Some(&**job),
-                _ => None,
-            })
+            .all_jobs()
             .filter(|job| job.spec.idempotency_key.as_deref() == Some(key))
             .filter(|job| now_ms.saturating_sub(job.spec.submitted_at_ms) < IDEMPOTENCY_WINDOW_MS)
             .min_by(|a, b| a.spec.id.cmp(&b.spec.id))
@@ -222,6 +224,7 @@ impl Mesh {
         }
         let stamp = self.stamp();
         let record = JobRecord {
+            compacted: false,
             spec: spec.clone(),
             attempts: Default::default(),
             extra: Default::default(),
@@ -388,6 +391,11 @@ impl Mesh {
                 if !current.status.is_terminal() {
                     return Err(JobError::Conflict(
                         "the job has not finished; cancel it first to retry".into(),
+                    ));
+                }
+                if job.compacted {
+                    return Err(JobError::Conflict(
+                        "the job's history was compacted (it ended before the mesh's history horizon, --job-history-days); submit it again instead".into(),
                     ));
                 }
                 if current.attempt >= crate::proto::attempts::MAX_ATTEMPTS {

@@ -16,9 +16,11 @@
 pub mod clock;
 mod duties;
 pub mod handle;
+mod history;
 pub mod jobs;
 mod liveness;
 mod network;
+mod peers;
 pub mod read;
 pub mod replica;
 pub mod runs;
@@ -42,14 +44,15 @@ use crate::metrics::Metrics;
 use crate::net::{self, Client};
 use crate::proto::crdt::{Lww, NodeId, Stamp};
 use crate::proto::election::{Election, HardState, Membership, Timing};
-use crate::proto::records::{NodeAdmin, Record};
+use crate::proto::lookup::RecordLookup;
+use crate::proto::records::{Key, NodeAdmin, Record};
 use crate::runner::{JobUpdate, RunnerConfig};
 use crate::store::{Store, StoreError};
 use crate::sysinfo::MachineInfo;
 use crate::wire::{Gossip, Response};
 
 pub use handle::{ApiRequest, MeshHandle};
-use liveness::Liveness;
+use peers::Peers;
 use views::ActionError;
 
 const ELECTION_META: &str = "election";
@@ -60,8 +63,6 @@ const HEARTBEAT_EVERY_MS: u64 = 2_000;
 const RECORD_REFRESH_EVERY_MS: u64 = 15_000;
 const ANTI_ENTROPY_EVERY_MS: u64 = 5_000;
 const REDIAL_EVERY_MS: u64 = 1_000;
-const VOTER_CHANGE_SETTLE_MS: u64 = 5_000;
-const VOTER_CHECK_EVERY_MS: u64 = 1_000;
 /// Longest time between two published snapshots while nothing changes (liveness and the
 /// lease move without record changes).
 const SNAPSHOT_EVERY_MS: u64 = 250;
@@ -102,6 +103,9 @@ pub struct MeshConfig {
     pub runner: Arc<RunnerConfig>,
     /// How many times the master re-queues a job whose node went offline.
     pub lost_requeues: u32,
+    /// `--job-history-days`: finished jobs older than this are compacted (0: never). Only
+    /// the master's setting moves the horizon.
+    pub job_history_days: u32,
 }
 
 /// Inputs of the mesh task.
@@ -176,22 +180,19 @@ pub struct Mesh {
     election: Election,
     client: Client,
     metrics: Arc<Metrics>,
-    liveness: Liveness,
-    connected: BTreeSet<PeerId>,
+    peers: Peers,
     listen_addrs: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     own_settings: OwnSettings,
     own_record_dirty: bool,
-    sync_sessions: HashMap<PeerId, u32>,
-    redial: HashMap<PeerId, (u64, u64)>,
-    master_written: Option<(u64, u64)>,
+    duties: crate::proto::duties::MasterDuties,
+    history: history::HistoryDuty,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs_rx: Option<mpsc::UnboundedReceiver<Input>>,
     next_heartbeat: u64,
     next_record_refresh: u64,
     next_anti_entropy: u64,
     next_redial: u64,
-    next_voter_check: u64,
     next_schedule: u64,
     scheduler: scheduler::SchedulerState,
     runs: HashMap<String, runs::Run>,
@@ -301,6 +302,7 @@ impl Mesh {
             seed,
         );
         let jump_threshold = clock::jump_threshold_ms(&config.timing);
+        let history_days = config.job_history_days;
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let handle = MeshHandle {
             inputs: inputs_tx.clone(),
@@ -316,22 +318,19 @@ impl Mesh {
             election,
             client,
             metrics,
-            liveness: Liveness::default(),
-            connected: BTreeSet::new(),
+            peers: Peers::default(),
             listen_addrs: Vec::new(),
             bootstrap,
             own_settings,
             own_record_dirty: true,
-            sync_sessions: HashMap::new(),
-            redial: HashMap::new(),
-            master_written: None,
+            duties: crate::proto::duties::MasterDuties::default(),
+            history: history::HistoryDuty::new(history_days),
             inputs_tx: inputs_tx.clone(),
             inputs_rx: Some(inputs_rx),
             next_heartbeat: 0,
             next_record_refresh: RECORD_REFRESH_EVERY_MS,
             next_anti_entropy: ANTI_ENTROPY_EVERY_MS,
             next_redial: 0,
-            next_voter_check: 0,
             next_schedule: 0,
             scheduler: scheduler::SchedulerState::default(),
             runs: HashMap::new(),
@@ -445,15 +444,16 @@ impl Mesh {
         }
         if is_master {
             self.publish_lease(now);
-            if now >= self.next_voter_check {
-                self.next_voter_check = now + VOTER_CHECK_EVERY_MS;
+            if self.duties.voter_check_due(now) {
                 self.refresh_learners();
                 self.manage_voters(now);
             }
             if now >= self.next_schedule {
                 self.scheduler.wake();
             }
+            self.move_horizon();
         }
+        self.compact_history_batch();
         if self.own_record_dirty || now >= self.next_record_refresh {
             self.write_own_record();
         }
@@ -469,9 +469,8 @@ impl Mesh {
         }
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + ANTI_ENTROPY_EVERY_MS;
-            let peers: Vec<PeerId> = self.connected.iter().copied().collect();
-            if !peers.is_empty() {
-                let pick = peers[(self.next_random() as usize) % peers.len()];
+            let random = self.next_random();
+            if let Some(pick) = self.peers.pick(random) {
                 self.start_sync(pick);
             }
         }
@@ -539,8 +538,8 @@ impl Mesh {
         match record {
             Record::Admin(admin) => {
                 let removed = admin.removed.as_ref().is_some_and(|r| r.value);
-                if let (true, Some(id)) = (removed, key.strip_prefix("admin/")) {
-                    if let Ok(peer) = PeerId::from_str(id) {
+                if let (true, Ok(Key::Admin(id))) = (removed, Key::parse(key)) {
+                    if let Ok(peer) = PeerId::from_str(&id) {
                         if peer != self.peer_id {
                             self.client.disconnect(peer);
                         }
@@ -548,6 +547,8 @@ impl Mesh {
                 }
             }
             Record::Master(_) => {}
+            // A new horizon: compact what it covers, in batches on the next ticks.
+            Record::History(_) => self.history.pending = true,
             Record::Job(job) => {
                 self.check_run(job);
                 // A new queued job or a freed slot: the master schedules right away.

@@ -10,7 +10,7 @@ use super::{peer_of, Input, Mesh, Purpose};
 use crate::metrics::Metrics;
 use crate::net;
 use crate::proto::election::Action;
-use crate::proto::records::Record;
+use crate::proto::lookup::RecordLookup;
 use crate::wire::{Gossip, Request, Response, MAX_PAGE_BYTES, MAX_RECORDS_PER_MESSAGE};
 
 use super::ELECTION_META;
@@ -23,29 +23,22 @@ impl Mesh {
                 targets.entry(peer).or_default().push(addr.clone());
             }
         }
-        for (_, record) in self.replica.state().with_prefix("node/") {
-            if let Record::Node(info) = record {
-                if let Ok(peer) = PeerId::from_str(&info.value.id) {
-                    let addrs = info.value.addrs.iter().filter_map(|a| a.parse().ok());
-                    targets.entry(peer).or_default().extend(addrs);
-                }
+        for info in self.replica.all_nodes() {
+            if let Ok(peer) = PeerId::from_str(&info.value.id) {
+                let addrs = info.value.addrs.iter().filter_map(|a| a.parse().ok());
+                targets.entry(peer).or_default().extend(addrs);
             }
         }
         for (peer, addrs) in targets {
             if peer == self.peer_id
-                || self.connected.contains(&peer)
                 || addrs.is_empty()
                 || self.admin_flag(&peer.to_string(), |a| &a.removed)
             {
                 continue;
             }
-            let (due, backoff) = self.redial.get(&peer).copied().unwrap_or((0, 500));
-            if now < due {
-                continue;
+            if self.peers.should_dial(peer, now) {
+                self.client.dial(Some(peer), addrs);
             }
-            self.redial
-                .insert(peer, (now + backoff, (backoff * 2).min(30_000)));
-            self.client.dial(Some(peer), addrs);
         }
     }
 
@@ -63,16 +56,13 @@ impl Mesh {
                     self.client.disconnect(peer);
                     return;
                 }
-                self.connected.insert(peer);
+                self.peers.connected(peer, now);
                 self.refresh_learners();
-                self.redial.remove(&peer);
-                self.liveness.heard(&peer.to_string(), now);
                 self.start_sync(peer);
             }
             net::Event::Disconnected(peer) => {
-                self.connected.remove(&peer);
+                self.peers.disconnected(&peer);
                 self.refresh_learners();
-                self.sync_sessions.remove(&peer);
             }
             net::Event::PeerAddrs { .. } => {}
             net::Event::Gossip { source, data } => self.on_gossip(source, &data, now),
@@ -112,13 +102,13 @@ impl Mesh {
         match gossip {
             Gossip::Heartbeat { node, .. } => {
                 if node == source.to_string() {
-                    self.liveness.heard(&node, now);
+                    self.peers.heard(&node, now);
                 } else {
                     Metrics::inc(&self.metrics.gossip_dropped);
                 }
             }
             Gossip::Delta(records) => {
-                self.liveness.heard(&source.to_string(), now);
+                self.peers.heard(&source.to_string(), now);
                 self.apply_remote(records);
             }
         }
@@ -132,7 +122,7 @@ impl Mesh {
             Metrics::inc(&self.metrics.wire_dropped);
             return Response::Refused(e);
         }
-        self.liveness.heard(&peer.to_string(), now);
+        self.peers.heard(&peer.to_string(), now);
         match request {
             Request::Election(msg) => {
                 let from = peer.to_string();
@@ -260,7 +250,7 @@ impl Mesh {
             (Purpose::Election | Purpose::SyncPush, _) => {}
             (_, Err(e)) => {
                 tracing::debug!("anti-entropy with {peer} failed: {e}");
-                self.sync_sessions.remove(&peer);
+                self.peers.end_sync(&peer);
             }
             (_, Ok(response)) => self.on_sync_response(peer, response),
         }

@@ -9,9 +9,10 @@ use thiserror::Error;
 use super::snapshot::{LocalFacts, Reader, SnapshotWriter};
 use super::unix_ms;
 use crate::proto::crdt::{NodeId, Stamp};
+use crate::proto::history;
 use crate::proto::hlc::HlcClock;
-use crate::proto::jobs::JobRecord;
-use crate::proto::records::{Key, MasterInfo, NodeAdmin, NodeInfo, Record};
+use crate::proto::lookup::RecordLookup;
+use crate::proto::records::{Key, Record};
 use crate::proto::state::ReplicatedState;
 use crate::store::{Store, StoreError};
 
@@ -82,53 +83,6 @@ impl Replica {
         &mut self.snapshots
     }
 
-    /// The record under `key`.
-    pub fn get(&self, key: &Key) -> Option<&Record> {
-        self.state.get(&key.encode())
-    }
-
-    /// Job `id`.
-    pub fn job(&self, id: &str) -> Option<&JobRecord> {
-        match self.get(&Key::Job(id.to_string())) {
-            Some(Record::Job(job)) => Some(job),
-            _ => None,
-        }
-    }
-
-    /// Operator decisions about node `id`.
-    pub fn admin(&self, id: &str) -> Option<&NodeAdmin> {
-        match self.get(&Key::Admin(id.to_string())) {
-            Some(Record::Admin(admin)) => Some(admin),
-            _ => None,
-        }
-    }
-
-    /// The newest lease record.
-    pub fn master(&self) -> Option<&MasterInfo> {
-        match self.get(&Key::Master) {
-            Some(Record::Master(m)) => Some(&m.0),
-            _ => None,
-        }
-    }
-
-    /// Every node's own record.
-    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
-        self.state
-            .with_prefix("node/")
-            .filter_map(|(_, r)| match r {
-                Record::Node(info) => Some(&info.value),
-                _ => None,
-            })
-    }
-
-    /// Every job.
-    pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
-        self.state.with_prefix("job/").filter_map(|(_, r)| match r {
-            Record::Job(job) => Some(&**job),
-            _ => None,
-        })
-    }
-
     /// A stamp for a write by `by` now.
     pub fn stamp(&mut self, by: &NodeId) -> Stamp {
         Stamp {
@@ -140,11 +94,12 @@ impl Replica {
     /// Merge `record` under `key`, persist, apply: the merged record when it changed
     /// anything, `None` when it did not.
     pub fn commit(&mut self, key: &str, record: &Record) -> Result<Option<Record>, ReplicaError> {
-        let merged = match self.state.merged(key, record) {
+        let mut merged = match self.state.merged(key, record) {
             Ok(Some(merged)) => merged,
             Ok(None) => return Ok(None),
             Err(e) => return Err(ReplicaError::Invalid(e.to_string())),
         };
+        self.compact_if_due(&mut merged);
         self.store.put_records(&[(key, &merged)])?;
         self.apply_stored(key, &merged);
         Ok(Some(merged))
@@ -173,7 +128,8 @@ impl Replica {
                 None => self.state.merged(&key, &record),
             };
             match result {
-                Ok(Some(merged)) => {
+                Ok(Some(mut merged)) => {
+                    self.compact_if_due(&mut merged);
                     self.clock.observe(record.latest_hlc(), now_unix);
                     changed.insert(key, merged);
                 }
@@ -194,6 +150,54 @@ impl Replica {
         (Ok(changed), refused)
     }
 
+    /// Compact a job that arrives (or changes) after the horizon already covers it: a node
+    /// back from a long absence, or a peer that has not compacted yet, never brings the
+    /// dropped history back here.
+    fn compact_if_due(&self, record: &mut Record) {
+        if let (Record::Job(job), Some(horizon)) = (record, self.horizon()) {
+            if history::is_due(job, horizon.before_ms) {
+                history::compact(job);
+            }
+        }
+    }
+
+    /// Compact up to `max` jobs that the horizon covers and that are not compacted yet, in
+    /// one store transaction. Returns the ids compacted (fewer than `max`: none are left).
+    pub fn compact_history(&mut self, max: usize) -> Result<Vec<String>, StoreError> {
+        let Some(before_ms) = self.horizon().map(|h| h.before_ms) else {
+            return Ok(Vec::new());
+        };
+        let mut shrunk = 0u64;
+        let mut rows: Vec<(String, Record)> = Vec::new();
+        for (key, record) in self.state.records_from(Key::JOB_PREFIX) {
+            if rows.len() >= max {
+                break;
+            }
+            let Record::Job(job) = record else { continue };
+            if !history::is_due(job, before_ms) {
+                continue;
+            }
+            let mut compacted = job.clone();
+            history::compact(&mut compacted);
+            let compacted = Record::Job(compacted);
+            shrunk += record.encoded_len().saturating_sub(compacted.encoded_len()) as u64;
+            rows.push((key.clone(), compacted));
+        }
+        let refs: Vec<(&str, &Record)> = rows.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        self.store.put_records(&refs)?;
+        if shrunk > 0 {
+            self.store.note_shrunk(shrunk)?;
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        for (key, record) in &rows {
+            self.apply_stored(key, record);
+            if let Record::Job(job) = record {
+                ids.push(job.spec.id.clone());
+            }
+        }
+        Ok(ids)
+    }
+
     /// Apply a record that is in the store, and hand it to the snapshot writer.
     fn apply_stored(&mut self, key: &str, record: &Record) {
         let _ = self.state.apply(key, record);
@@ -203,10 +207,25 @@ impl Replica {
     }
 }
 
+impl RecordLookup for Replica {
+    fn record(&self, key: &str) -> Option<&Record> {
+        self.state.get(key)
+    }
+
+    fn records_from<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a Record)> + 'a {
+        self.state.records_from(prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::crdt::MaxReg;
+    use crate::proto::history::Horizon;
+    use crate::proto::records::MasterInfo;
     use std::collections::BTreeSet;
 
     fn local() -> LocalFacts {
@@ -234,13 +253,10 @@ mod tests {
             "an older lease record changes nothing"
         );
         assert_eq!(replica.master().map(|m| m.epoch), Some(2));
-        assert!(
-            reader.current().master_record().is_none(),
-            "not published yet"
-        );
+        assert!(reader.current().master().is_none(), "not published yet");
         let snapshot = replica.snapshots().build(local());
         replica.snapshots_mut().publish(snapshot);
-        assert_eq!(reader.current().master_record().map(|m| m.epoch), Some(2));
+        assert_eq!(reader.current().master().map(|m| m.epoch), Some(2));
         assert!(matches!(
             replica.commit("bogus key", &master(3)),
             Err(ReplicaError::Invalid(_))
@@ -249,7 +265,7 @@ mod tests {
         // What was committed is what a restart loads, and the first snapshot has it.
         let (replica, reader) = Replica::open(Store::open(&path).unwrap(), local()).unwrap();
         assert_eq!(replica.master().map(|m| m.epoch), Some(2));
-        assert_eq!(reader.current().master_record().map(|m| m.epoch), Some(2));
+        assert_eq!(reader.current().master().map(|m| m.epoch), Some(2));
     }
 
     #[test]
@@ -273,5 +289,69 @@ mod tests {
         assert_eq!(refused, 2, "one not admitted, one invalid");
         assert_eq!(changed.len(), 1);
         assert_eq!(replica.master().map(|m| m.epoch), Some(3));
+    }
+
+    fn horizon_at(before_ms: u64) -> Record {
+        Record::History(MaxReg(Horizon {
+            before_ms,
+            epoch: 1,
+            set_by: "me".into(),
+        }))
+    }
+
+    #[test]
+    fn history_is_compacted_in_batches_and_full_copies_arriving_later_are_compacted() {
+        use crate::proto::history::tests::{job, NOW};
+        use crate::proto::history::DAY_MS;
+        use crate::proto::jobs::JobStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (mut replica, _reader) = Replica::open(Store::open(&path).unwrap(), local()).unwrap();
+        let record = |i: u64, age: u64| {
+            let mut job = job(JobStatus::Succeeded, NOW - age);
+            job.spec.id = crate::proto::ids::ulid(NOW - age, u128::from(i));
+            (
+                Key::Job(job.spec.id.clone()).encode(),
+                Record::Job(Box::new(job)),
+            )
+        };
+        let old: Vec<(String, Record)> = (0..5).map(|i| record(i, 40 * DAY_MS)).collect();
+        let recent = record(99, DAY_MS);
+        let mut batch = old[..4].to_vec();
+        batch.push(recent.clone());
+        assert!(replica.merge_batch(batch, |_| true).0.is_ok());
+        assert!(
+            replica.compact_history(10).unwrap().is_empty(),
+            "no horizon yet"
+        );
+        replica
+            .commit("history", &horizon_at(NOW - 30 * DAY_MS))
+            .unwrap();
+        assert_eq!(replica.compact_history(3).unwrap().len(), 3, "a full batch");
+        assert_eq!(replica.compact_history(3).unwrap().len(), 1, "the rest");
+        assert!(replica.compact_history(3).unwrap().is_empty());
+        assert!(replica.job(&recent.0[4..]).is_some_and(|j| !j.compacted));
+
+        // A full copy of an old job arriving after the horizon is compacted on arrival.
+        let (key, late) = old[4].clone();
+        let changed = replica
+            .merge_batch(vec![(key.clone(), late)], |_| true)
+            .0
+            .unwrap();
+        assert!(matches!(&changed[&key], Record::Job(j) if j.compacted));
+        // And a full copy of an already compacted one changes nothing.
+        let (key, full) = old[0].clone();
+        assert!(replica
+            .merge_batch(vec![(key, full)], |_| true)
+            .0
+            .unwrap()
+            .is_empty());
+        drop(replica);
+        let (replica, _reader) = Replica::open(Store::open(&path).unwrap(), local()).unwrap();
+        assert_eq!(
+            replica.all_jobs().filter(|j| j.compacted).count(),
+            5,
+            "stored compacted"
+        );
     }
 }

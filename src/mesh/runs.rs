@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::proto::crdt::Crdt;
 use crate::proto::dispatch::worker::{self, Fence, RunKey, Verdict};
 use crate::proto::jobs::{JobRecord, JobStatus, Progress};
+use crate::proto::lookup::RecordLookup;
 use crate::proto::records::{Key, Record};
 use crate::runner::{self, logs, JobUpdate, RunHandle};
 use crate::wire::{Request, Response};
@@ -326,15 +327,11 @@ impl Mesh {
     pub(super) fn reconcile_at_start(&mut self, recovered: Vec<runner::Recovered>) {
         let mine: Vec<JobRecord> = self
             .replica
-            .state()
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) => Some((**job).clone()),
-                _ => None,
-            })
+            .all_jobs()
             .filter(|job| {
                 crate::proto::dispatch::active_assignment(job).is_some_and(|a| a.node == self.id)
             })
+            .cloned()
             .collect();
         for job in mine {
             // One run per job at a time; its key may be older than the record's when a new
@@ -400,7 +397,7 @@ impl Mesh {
             Metrics::inc(&self.metrics.wire_dropped);
             return refuse(e);
         }
-        self.liveness.heard(&peer.to_string(), now);
+        self.peers.heard(&peer.to_string(), now);
         let known = |id: &str| {
             self.replica
                 .state()

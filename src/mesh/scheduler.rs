@@ -13,6 +13,7 @@ use crate::proto::dispatch::commit::{self, Refusal, MAX_READ_ENTRIES};
 use crate::proto::dispatch::worker::Fence;
 use crate::proto::dispatch::{is_open, CommitAnswer, DeliverAnswer, Dispatcher, Step, World};
 use crate::proto::jobs::JobRecord;
+use crate::proto::lookup::RecordLookup;
 use crate::proto::records::{Key, Record};
 use crate::proto::schedule::NodeLoad;
 use crate::wire::{Request, Response};
@@ -44,12 +45,9 @@ impl Mesh {
     fn open_jobs(&self) -> Vec<JobRecord> {
         let requeues = self.config.lost_requeues;
         self.replica
-            .state()
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) if is_open(job, requeues) => Some((**job).clone()),
-                _ => None,
-            })
+            .all_jobs()
+            .filter(|job| is_open(job, requeues))
+            .cloned()
             .collect()
     }
 

@@ -10,6 +10,7 @@ use super::snapshot::{LocalFacts, Snapshot};
 use super::views::{ActionError, NodeAction, NodeView};
 use super::{unix_ms, with_peer, Mesh, Shown, SNAPSHOT_EVERY_MS};
 use crate::proto::crdt::{Lww, NodeId};
+use crate::proto::lookup::RecordLookup;
 use crate::proto::records::{validate_tag, Key, NodeAdmin, Record, MAX_SLOTS};
 use crate::ticket::{Ticket, MAX_TICKET_ADDRS};
 
@@ -21,19 +22,16 @@ impl Mesh {
             .iter()
             .map(|a| with_peer(a, self.peer_id))
             .collect();
-        for (_, record) in self.replica.state().with_prefix("node/") {
-            if let Record::Node(info) = record {
-                let info = &info.value;
-                if info.id == self.id || !self.liveness.is_online(&info.id, now) {
-                    continue;
-                }
-                if let Ok(peer) = PeerId::from_str(&info.id) {
-                    let theirs = info
-                        .addrs
-                        .iter()
-                        .filter_map(|a| a.parse::<Multiaddr>().ok());
-                    addrs.extend(theirs.take(2).map(|a| with_peer(&a, peer)));
-                }
+        for info in self.replica.all_nodes().map(|info| &info.value) {
+            if info.id == self.id || !self.peers.liveness().is_online(&info.id, now) {
+                continue;
+            }
+            if let Ok(peer) = PeerId::from_str(&info.id) {
+                let theirs = info
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok());
+                addrs.extend(theirs.take(2).map(|a| with_peer(&a, peer)));
             }
         }
         addrs.truncate(MAX_TICKET_ADDRS);
@@ -45,16 +43,13 @@ impl Mesh {
 
     /// The master by the one rule of [`read::nodes::pick_master`], as of now.
     pub(super) fn status_master_id(&self, now: u64) -> Option<NodeId> {
-        let record = match self.replica.state().get("master") {
-            Some(Record::Master(m)) => Some(&m.0.master),
-            _ => None,
-        };
+        let record = self.replica.master().map(|m| &m.master);
         read::nodes::pick_master(
             &self.id,
             self.election.is_master(now),
             self.election.leader(),
             record,
-            |id| self.liveness.is_online(id, now),
+            |id| self.peers.liveness().is_online(id, now),
         )
     }
 
@@ -79,8 +74,8 @@ impl Mesh {
             leader: self.election.leader().cloned(),
             term: self.election.term(),
             voters: self.election.membership().all_voters(),
-            liveness: self.liveness.clone(),
-            connected: self.connected.len(),
+            liveness: self.peers.liveness().clone(),
+            connected: self.peers.connected_count(),
             listen_addrs: self
                 .listen_addrs
                 .iter()
@@ -110,13 +105,17 @@ impl Mesh {
         let master_changed = master != self.shown.master;
         if !flipped.is_empty() || master_changed {
             for id in &flipped {
-                self.replica.snapshots_mut().touch(&format!("node/{id}"));
+                self.replica
+                    .snapshots_mut()
+                    .touch(&Key::Node(id.clone()).encode());
             }
             if master_changed {
-                self.replica.snapshots_mut().touch("master");
+                self.replica.snapshots_mut().touch(&Key::Master.encode());
                 // The old and the new master's `is_master` changed too.
                 for id in self.shown.master.iter().chain(master.iter()) {
-                    self.replica.snapshots_mut().touch(&format!("node/{id}"));
+                    self.replica
+                        .snapshots_mut()
+                        .touch(&Key::Node(id.clone()).encode());
                 }
             }
             snapshot = self.view();
@@ -188,7 +187,7 @@ impl Mesh {
         self.commit_local(key, record)?;
         if let Ok(peer) = PeerId::from_str(&id) {
             if !self.admin_flag(&id, |a| &a.removed) {
-                self.redial.remove(&peer);
+                self.peers.reset_backoff(&peer);
             }
         }
         read::nodes::node_by_id(&self.view(), &id).ok_or(ActionError::NotFound(id))

@@ -15,10 +15,9 @@ const MAX_IDLE_ROUNDS: u32 = 8;
 impl Mesh {
     /// Start an anti-entropy session with `peer` unless one is running.
     pub(super) fn start_sync(&mut self, peer: PeerId) {
-        if self.sync_sessions.contains_key(&peer) {
+        if !self.peers.begin_sync(peer) {
             return;
         }
-        self.sync_sessions.insert(peer, 0);
         self.send(
             peer,
             Request::SyncBuckets(self.replica.state().bucket_summary()),
@@ -27,12 +26,12 @@ impl Mesh {
     }
 
     fn finish_sync(&mut self, peer: PeerId) {
-        self.sync_sessions.remove(&peer);
+        self.peers.end_sync(&peer);
         Metrics::inc(&self.metrics.anti_entropy_rounds);
     }
 
     pub(super) fn on_sync_response(&mut self, peer: PeerId, response: Response) {
-        if !self.sync_sessions.contains_key(&peer) {
+        if !self.peers.is_syncing(&peer) {
             return;
         }
         match response {
@@ -43,7 +42,7 @@ impl Mesh {
                 }
                 if buckets.len() > crate::proto::state::BUCKETS {
                     Metrics::inc(&self.metrics.wire_dropped);
-                    self.sync_sessions.remove(&peer);
+                    self.peers.end_sync(&peer);
                     return;
                 }
                 let entries = self.replica.state().digests_in(&buckets);
@@ -62,7 +61,7 @@ impl Mesh {
                     || want.len() > crate::wire::MAX_DIGESTS_PER_MESSAGE
                 {
                     Metrics::inc(&self.metrics.wire_dropped);
-                    self.sync_sessions.remove(&peer);
+                    self.peers.end_sync(&peer);
                     return;
                 }
                 let changed = self.apply_remote(records);
@@ -77,12 +76,8 @@ impl Mesh {
                     self.send(peer, Request::SyncPush(page), Purpose::SyncPush);
                 }
                 // The session's count is of rounds in a row that changed nothing here.
-                let idle = match changed {
-                    0 => self.sync_sessions.get(&peer).copied().unwrap_or(0) + 1,
-                    _ => 0,
-                };
+                let idle = self.peers.sync_round(peer, changed);
                 if more && idle < MAX_IDLE_ROUNDS {
-                    self.sync_sessions.insert(peer, idle);
                     self.send(
                         peer,
                         Request::SyncBuckets(self.replica.state().bucket_summary()),
@@ -94,14 +89,14 @@ impl Mesh {
             }
             Response::Refused(reason) => {
                 tracing::info!("{peer} refused anti-entropy: {reason}");
-                self.sync_sessions.remove(&peer);
+                self.peers.end_sync(&peer);
             }
             Response::Ack
             | Response::Election(_)
             | Response::Log { .. }
             | Response::Conflict(_)
             | Response::Accepted(_) => {
-                self.sync_sessions.remove(&peer);
+                self.peers.end_sync(&peer);
             }
         }
     }

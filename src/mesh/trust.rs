@@ -45,6 +45,20 @@ impl Mesh {
                     ))
                 }
             }
+            Record::History(horizon) => {
+                // A horizon drops history on every node: only the master of an epoch the
+                // election backs may move it, and never to less than a day ago.
+                let horizon = &horizon.0;
+                if !self.election.vouches_for(horizon.epoch, &horizon.set_by) {
+                    return Err(format!(
+                        "a history horizon from {} in epoch {} that the election (term {}) does not back",
+                        horizon.set_by,
+                        horizon.epoch,
+                        self.election.term()
+                    ));
+                }
+                crate::proto::history::plausible(horizon, super::unix_ms())
+            }
             Record::Node(_) | Record::Admin(_) | Record::Unknown { .. } => Ok(()),
         }
     }
@@ -81,8 +95,8 @@ impl Mesh {
     /// heartbeats too, so every node knows the current term and master first-hand.
     pub(super) fn refresh_learners(&mut self) {
         let learners: BTreeSet<NodeId> = self
-            .connected
-            .iter()
+            .peers
+            .connected_peers()
             .map(|peer| peer.to_string())
             .filter(|id| !self.admin_flag(id, |a| &a.removed))
             .collect();

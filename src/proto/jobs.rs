@@ -355,8 +355,18 @@ impl Ord for Progress {
             .then_with(|| self.assignment.cmp(&other.assignment))
             .then_with(|| self.status.cmp(&other.status))
             .then_with(|| self.reason.cmp(&other.reason))
+            // What compaction keeps decides before what it drops, so stripping both sides
+            // never changes which one wins.
+            .then_with(|| kept_of(&self.result).cmp(&kept_of(&other.result)))
             .then_with(|| self.result.cmp(&other.result))
     }
+}
+
+/// The parts of a result a compacted job keeps (see [`super::history`]).
+fn kept_of(result: &Option<JobResult>) -> Option<(Option<i32>, &Option<Usage>, u64, u64)> {
+    result
+        .as_ref()
+        .map(|r| (r.exit_code, &r.usage, r.duration_ms, r.prepare_ms))
 }
 
 /// A job record, key `job/<id>`. Fields this version does not know are kept in `extra`.
@@ -372,12 +382,23 @@ pub struct JobRecord {
     /// What is known of each attempt (node, end, times).
     #[serde(default)]
     pub attempts: Attempts,
+    /// Whether the job's history was compacted (see [`super::history`]): once set, never
+    /// cleared, and every result merged in is stripped.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub compacted: bool,
     /// Fields this version does not know, kept as they came.
     #[serde(skip)]
     pub extra: Extra,
 }
 
-keep_unknown_fields!(JobRecord, &["spec", "assignment", "progress", "attempts"]);
+keep_unknown_fields!(
+    JobRecord,
+    &["spec", "assignment", "progress", "attempts", "compacted"]
+);
+
+fn is_false(flag: &bool) -> bool {
+    !*flag
+}
 
 /// Number of fields in the spec's encoding (known fields present plus unknown ones).
 fn field_count(spec: &JobSpec) -> usize {
@@ -405,6 +426,28 @@ fn spec_wins(a: &JobSpec, b: &JobSpec) -> bool {
 
 impl Crdt for JobRecord {
     fn merge(&mut self, other: &Self) -> bool {
+        // Compaction absorbs: a compacted side makes the merge compacted, and a full copy
+        // merged into a compacted record is stripped before it is merged, so it brings
+        // nothing back (and does not count as a change).
+        match (self.compacted, other.compacted) {
+            (true, false) => {
+                let mut stripped = other.clone();
+                super::history::compact(&mut stripped);
+                self.merge_parts(&stripped)
+            }
+            (false, true) => {
+                super::history::compact(self);
+                self.merge_parts(other);
+                true
+            }
+            _ => self.merge_parts(other),
+        }
+    }
+}
+
+impl JobRecord {
+    /// Merge field by field (both sides compacted, or neither).
+    fn merge_parts(&mut self, other: &Self) -> bool {
         // The spec is written once; two different specs under one id come from a faulty
         // writer or from a version that lost fields: see `spec_wins`.
         let spec = if spec_wins(&self.spec, &other.spec) {
@@ -458,6 +501,10 @@ impl JobRecord {
         });
         if result_size > 1 << 20 {
             return Err("result too large".into());
+        }
+        let kept_result = self.progress.0.result.as_ref();
+        if self.compacted && !kept_result.is_none_or(super::history::is_stripped) {
+            return Err("a compacted job carries its full result".into());
         }
         if self.progress.0.attempt > super::attempts::MAX_ATTEMPTS {
             return Err(format!(

@@ -5,10 +5,13 @@
 pub mod attempts;
 pub mod crdt;
 pub mod dispatch;
+pub mod duties;
 pub mod election;
+pub mod history;
 pub mod hlc;
 pub mod ids;
 pub mod jobs;
+pub mod lookup;
 pub mod records;
 pub mod repo_spec;
 pub mod schedule;

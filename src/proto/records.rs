@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::crdt::{Crdt, Lww, MaxReg, NodeId, Stamp};
+use super::history::Horizon;
 use super::jobs::JobRecord;
 
 mod unknown;
@@ -156,6 +157,8 @@ pub enum Record {
     Master(MaxReg<MasterInfo>),
     /// A job, key `job/<id>`.
     Job(Box<JobRecord>),
+    /// The history horizon, key `history`, written by the master.
+    History(MaxReg<Horizon>),
     /// A record of a kind this version does not know (or whose body it cannot decode),
     /// under a key of an unknown kind ([`Key::Other`]): stored and relayed unchanged. Two
     /// versions merge as a max register on `(kind, raw)` (byte-wise), so replicas agree.
@@ -178,18 +181,28 @@ pub enum Key {
     Master,
     /// `job/<id>`
     Job(String),
+    /// `history`
+    History,
     /// A well-formed key of a kind this version does not know (see [`Key::parse`]).
     Other(String),
 }
 
 impl Key {
+    /// Start of every job key.
+    pub const JOB_PREFIX: &'static str = "job/";
+    /// Start of every node key.
+    pub const NODE_PREFIX: &'static str = "node/";
+    /// Start of every admin key.
+    pub const ADMIN_PREFIX: &'static str = "admin/";
+
     /// The textual form used on the wire and in the store.
     pub fn encode(&self) -> String {
         match self {
-            Key::Node(id) => format!("node/{id}"),
-            Key::Admin(id) => format!("admin/{id}"),
+            Key::Node(id) => format!("{}{id}", Key::NODE_PREFIX),
+            Key::Admin(id) => format!("{}{id}", Key::ADMIN_PREFIX),
             Key::Master => "master".to_string(),
-            Key::Job(id) => format!("job/{id}"),
+            Key::Job(id) => format!("{}{id}", Key::JOB_PREFIX),
+            Key::History => "history".to_string(),
             Key::Other(text) => text.clone(),
         }
     }
@@ -204,6 +217,7 @@ impl Key {
             Some(("admin", id)) if valid_id(id) => Key::Admin(id.to_string()),
             Some(("job", id)) if super::ids::is_ulid(id) => Key::Job(id.to_string()),
             None if text == "master" => Key::Master,
+            None if text == "history" => Key::History,
             _ if other_key(text) => Key::Other(text.to_string()),
             _ => return Err(RecordError::BadKey(truncate(text))),
         };
@@ -226,7 +240,7 @@ fn other_key(text: &str) -> bool {
         && kind
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-        && !["node", "admin", "master", "job"].contains(&kind);
+        && !["node", "admin", "master", "job", "history"].contains(&kind);
     let rest_ok = rest.is_none_or(|rest| {
         rest.split('/').all(|segment| {
             !segment.is_empty()
@@ -266,6 +280,7 @@ impl Record {
             (Record::Admin(a), Record::Admin(b)) => a.merge(b),
             (Record::Master(a), Record::Master(b)) => a.merge(b),
             (Record::Job(a), Record::Job(b)) => a.merge(b),
+            (Record::History(a), Record::History(b)) => a.merge(b),
             (
                 Record::Unknown { kind, raw },
                 Record::Unknown {
@@ -344,6 +359,12 @@ impl Record {
                 Ok(())
             }
             (Key::Job(id), Record::Job(job)) => job.validate(id).map_err(|r| invalid(&r)),
+            (Key::History, Record::History(horizon)) => {
+                if !valid_id(&horizon.0.set_by) {
+                    return Err(invalid("bad node id"));
+                }
+                Ok(())
+            }
             // A kind of ours that did not decode, under any key, is refused on its own.
             (Key::Other(_), Record::Unknown { kind, .. })
                 if !KNOWN_KINDS.contains(&kind.as_str()) =>
@@ -413,7 +434,7 @@ impl Record {
         match self {
             Record::Node(info) => info.stamp.at,
             Record::Admin(admin) => stamps(admin),
-            Record::Master(_) => super::hlc::Hlc::default(),
+            Record::Master(_) | Record::History(_) => super::hlc::Hlc::default(),
             Record::Job(job) => job.progress.0.stamp.at,
             Record::Unknown { .. } => super::hlc::Hlc::default(),
         }
@@ -509,6 +530,7 @@ mod tests {
             Key::Node("abc".into()),
             Key::Admin("x_1".into()),
             Key::Master,
+            Key::History,
         ] {
             assert_eq!(Key::parse(&key.encode()), Ok(key));
         }

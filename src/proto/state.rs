@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::lookup::RecordLookup;
 use super::records::{Key, Record, RecordError};
 
 /// Number of buckets the key space is split into for anti-entropy summaries.
@@ -121,17 +122,6 @@ impl ReplicatedState {
         self.entries.iter().map(|(k, e)| (k, &*e.record))
     }
 
-    /// Records whose key starts with `prefix`.
-    pub fn with_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> impl Iterator<Item = (&'a String, &'a Record)> {
-        self.entries
-            .range(prefix.to_string()..)
-            .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(k, e)| (k, &*e.record))
-    }
-
     /// Number of records.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -228,6 +218,22 @@ pub struct Reconciliation {
     pub want: Vec<String>,
     /// Whether records were left out because of the page limit.
     pub more: bool,
+}
+
+impl RecordLookup for ReplicatedState {
+    fn record(&self, key: &str) -> Option<&Record> {
+        self.get(key)
+    }
+
+    fn records_from<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a Record)> + 'a {
+        self.entries
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k, &*e.record))
+    }
 }
 
 #[cfg(test)]

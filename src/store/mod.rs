@@ -16,6 +16,13 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &str = "schema_version";
+/// Meta key: bytes of records made smaller or removed since the file was last compacted.
+const SHRUNK_KEY: &str = "shrunk_bytes";
+/// After records shrank by [`COMPACT_MIN_BYTES`] (history compaction), the file is compacted
+/// at open once this share of it (in percent) is free pages.
+const COMPACT_SHARE_PERCENT: u64 = 25;
+/// Shrunk or free bytes below this never make the file worth compacting.
+const COMPACT_MIN_BYTES: u64 = 4 << 20;
 
 /// Storage failures.
 #[derive(Debug, Error)]
@@ -39,6 +46,9 @@ pub enum StoreError {
     /// A read or write failed.
     #[error("store failure: {0}")]
     Db(#[from] redb::Error),
+    /// Compacting the file failed (the store stays usable as it was).
+    #[error("cannot compact the store: {0}")]
+    Compact(#[from] redb::CompactionError),
     /// A stored value could not be decoded.
     #[error("stored value {key:?} is unreadable: {reason}")]
     Decode {
@@ -70,8 +80,57 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (or create) the store at `path` and bring its schema up to date.
+    /// Open (or create) the store at `path`, bring its schema up to date, and compact the
+    /// file if records shrank enough since the last time (see [`Store::note_shrunk`]). Blocks
+    /// for as long as the compaction takes: call it off the async runtime.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut store = Store::open_only(path)?;
+        let shrunk = store.get_meta::<u64>(SHRUNK_KEY)?.unwrap_or(0);
+        if shrunk >= COMPACT_MIN_BYTES {
+            store.compact_if_worth_it()?;
+        }
+        Ok(store)
+    }
+
+    /// Compact the file when enough of it is free pages: at least [`COMPACT_MIN_BYTES`] and
+    /// [`COMPACT_SHARE_PERCENT`] of it. Either way the shrink count starts over (below that,
+    /// redb reuses the free pages as the store grows again).
+    fn compact_if_worth_it(&mut self) -> Result<(), StoreError> {
+        let size = self.size_bytes();
+        let allocated = {
+            let txn = self.db.begin_write()?;
+            let stats = txn.stats()?;
+            txn.abort()?;
+            stats.allocated_pages() * stats.page_size() as u64
+        };
+        let free = size.saturating_sub(allocated);
+        tracing::debug!(file_bytes = size, free_bytes = free, "store file usage");
+        if free >= COMPACT_MIN_BYTES && free * 100 >= size * COMPACT_SHARE_PERCENT {
+            let started = std::time::Instant::now();
+            match self.db.compact() {
+                Ok(_) => tracing::info!(
+                    before_bytes = size,
+                    after_bytes = self.size_bytes(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "compacted the store file"
+                ),
+                Err(e) => {
+                    tracing::warn!("{}", StoreError::from(e));
+                    return Ok(());
+                }
+            }
+        }
+        self.put_meta(SHRUNK_KEY, &0u64)
+    }
+
+    /// Count `bytes` that records shrank by (history compaction); the file is compacted at
+    /// the next open once enough was freed. Until then redb reuses the freed pages.
+    pub fn note_shrunk(&self, bytes: u64) -> Result<(), StoreError> {
+        let total = self.get_meta::<u64>(SHRUNK_KEY)?.unwrap_or(0);
+        self.put_meta(SHRUNK_KEY, &total.saturating_add(bytes))
+    }
+
+    fn open_only(path: &Path) -> Result<Store, StoreError> {
         let db = Database::builder()
             .set_cache_size(4 << 20)
             .create(path)
@@ -204,6 +263,54 @@ mod tests {
         assert_eq!(store.load_records().unwrap().len(), 1);
         assert_eq!(store.get_meta::<u32>("answer").unwrap(), Some(42));
         assert_eq!(store.get_meta::<u32>("missing").unwrap(), None);
+    }
+
+    #[test]
+    fn the_file_shrinks_at_open_once_enough_of_it_was_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let big = |n: usize| Record::Unknown {
+            kind: "blob".into(),
+            raw: {
+                let mut raw = Vec::new();
+                ciborium::into_writer(&"x".repeat(n), &mut raw).unwrap();
+                raw
+            },
+        };
+        let keys: Vec<String> = (0..400).map(|i| format!("blob/{i}")).collect();
+        let full_size;
+        {
+            let store = Store::open(&path).unwrap();
+            let records: Vec<Record> = keys.iter().map(|_| big(64 << 10)).collect();
+            let rows: Vec<(&str, &Record)> = keys
+                .iter()
+                .map(String::as_str)
+                .zip(records.iter())
+                .collect();
+            store.put_records(&rows).unwrap();
+            full_size = store.size_bytes();
+            let small = big(16);
+            let rows: Vec<(&str, &Record)> = keys.iter().map(|k| (k.as_str(), &small)).collect();
+            store.put_records(&rows).unwrap();
+            assert_eq!(
+                store.size_bytes(),
+                full_size,
+                "redb does not shrink by itself"
+            );
+            store.note_shrunk(400 * (64 << 10)).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(
+            store.size_bytes() * 4 < full_size,
+            "{} bytes after, {full_size} before",
+            store.size_bytes()
+        );
+        assert_eq!(
+            store.load_records().unwrap().len(),
+            400,
+            "every record kept"
+        );
+        assert_eq!(store.get_meta::<u64>(SHRUNK_KEY).unwrap(), Some(0));
     }
 
     #[test]

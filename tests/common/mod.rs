@@ -700,6 +700,18 @@ impl Node {
             .ok_or_else(|| format!("{}: metric {name} missing from /metrics", self.name))
     }
 
+    /// How many jobs the node lists (`total` of `GET /api/v1/jobs?limit=1`).
+    pub fn jobs_total(&self) -> Result<u64, String> {
+        let list: serde_json::Value = self
+            .api("GET", "/api/v1/jobs?limit=1", None)
+            .map_err(|e| e.to_string())?
+            .expect_status(200)?
+            .json()?;
+        list["total"]
+            .as_u64()
+            .ok_or_else(|| format!("{}: no total in {list}", self.name))
+    }
+
     /// Runs a CLI subcommand against this node's data directory:
     /// `codex-mesh <args...> --data-dir D`.
     pub fn cli(&self, args: &[&str]) -> Output {

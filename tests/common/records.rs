@@ -30,17 +30,26 @@ pub fn job_spec(id: &str, prompt: &str, agent: &str, by: &str) -> JobSpec {
     }
 }
 
-/// A job of `spec` that succeeded on its first attempt with `final_message`, never assigned
-/// (as a peer relays one), stamped by the spec's submitter.
+/// A job of `spec` that succeeded on its first attempt with `final_message` just now, never
+/// assigned (as a peer relays one), stamped by the spec's submitter.
 pub fn finished_job(spec: JobSpec, final_message: String) -> JobRecord {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    finished_job_at(spec, final_message, now)
+}
+
+/// As [`finished_job`], ended at `ended_ms` (Unix ms).
+pub fn finished_job_at(spec: JobSpec, final_message: String, ended_ms: u64) -> JobRecord {
     let stamp = Stamp {
         at: Hlc {
-            wall_ms: 1,
+            wall_ms: ended_ms,
             logical: 0,
         },
         by: spec.submitted_via.clone(),
     };
     JobRecord {
+        compacted: false,
         spec,
         assignment: None,
         progress: MaxReg(Progress {

@@ -1,9 +1,9 @@
 //! The invariants: checked after every step, and at the end of a run.
 
-use codex_mesh::proto::crdt::MaxReg;
 use codex_mesh::proto::election::MAX_TERM_LEAP;
 use codex_mesh::proto::jobs::JobStatus;
-use codex_mesh::proto::records::Record;
+use codex_mesh::proto::lookup::RecordLookup;
+use codex_mesh::proto::records::{Key, Record};
 use codex_mesh::proto::state::ReplicatedState;
 use codex_mesh::proto::voters::target_size;
 
@@ -93,8 +93,8 @@ impl Sim {
                     keys(&node.state)
                 )));
             }
-            match node.state.get("master") {
-                Some(Record::Master(MaxReg(info)))
+            match node.state.master() {
+                Some(info)
                     if info.master == self.nodes[master].id && info.epoch == leader.term() => {}
                 other => {
                     return Err(self.fail(format!(
@@ -109,7 +109,7 @@ impl Sim {
 
     /// After healing: every job ended everywhere, none lost with attempts left, no run left.
     fn final_jobs_check(&self) -> Result<(), Failure> {
-        let jobs = self.nodes[0].state.with_prefix("job/").count() as u64;
+        let jobs = self.nodes[0].state.all_jobs().count() as u64;
         if jobs != self.submitted {
             return Err(self.fail(format!(
                 "{} jobs were submitted, the replicas hold {jobs}",
@@ -117,7 +117,7 @@ impl Sim {
             )));
         }
         for (i, node) in self.nodes.iter().enumerate() {
-            for (key, record) in node.state.with_prefix("job/") {
+            for (key, record) in node.state.records_from(Key::JOB_PREFIX) {
                 let Record::Job(job) = record else {
                     return Err(self.fail(format!("n{i} holds a non-job under {key}")));
                 };

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use codex_mesh::proto::crdt::{MaxReg, NodeId};
 use codex_mesh::proto::election::{Membership, Message};
-use codex_mesh::proto::records::{MasterInfo, Record};
+use codex_mesh::proto::records::{Key, MasterInfo, Record};
 
 use crate::net::Payload;
 use crate::sim::{Event, Sim};
@@ -184,8 +184,8 @@ impl Sim {
                 granted: false,
                 leader: Some(byz.clone()),
             }),
-            8 => Payload::Delta("master".to_string(), Box::new(forged_lease(u64::MAX, &byz))),
-            _ => Payload::Delta("master".to_string(), Box::new(forged_lease(near, &byz))),
+            8 => Payload::Delta(Key::Master.encode(), Box::new(forged_lease(u64::MAX, &byz))),
+            _ => Payload::Delta(Key::Master.encode(), Box::new(forged_lease(near, &byz))),
         };
         self.stats.forged += 1;
         let delay = self.rng.range(DELAY_MS);

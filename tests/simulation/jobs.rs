@@ -12,7 +12,8 @@ use codex_mesh::proto::dispatch::worker::Fence;
 use codex_mesh::proto::dispatch::{is_open, CommitAnswer, DeliverAnswer, Dispatcher, Step, World};
 use codex_mesh::proto::ids::ulid;
 use codex_mesh::proto::jobs::{JobRecord, JobSpec, JobStatus, Origin, Progress, Sandbox, Target};
-use codex_mesh::proto::records::Record;
+use codex_mesh::proto::lookup::RecordLookup;
+use codex_mesh::proto::records::{Key, Record};
 use codex_mesh::proto::schedule::NodeLoad;
 
 use crate::net::{Kind, Pending, Request, Response};
@@ -105,11 +106,9 @@ impl Sim {
         self.stats.rounds += 1;
         let jobs: Vec<JobRecord> = self.nodes[i]
             .state
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) if is_open(job, LOST_REQUEUES) => Some((**job).clone()),
-                _ => None,
-            })
+            .all_jobs()
+            .filter(|job| is_open(job, LOST_REQUEUES))
+            .cloned()
             .collect();
         let steps = self.with_world(i, |d, world| d.round(&jobs, world));
         self.run_steps(i, steps)?;
@@ -124,7 +123,7 @@ impl Sim {
         while let Some(step) = queue.pop_front() {
             match step {
                 Step::Write(record) => {
-                    let key = format!("job/{}", record.spec.id);
+                    let key = Key::Job(record.spec.id.to_string()).encode();
                     self.write(i, key, Record::Job(record))?;
                 }
                 Step::Read => {
@@ -249,12 +248,7 @@ impl Sim {
             return Response::Entries(Vec::new());
         }
         let state = &node.state;
-        commit::prune(&mut node.accepted, |id| {
-            match state.get(&format!("job/{id}")) {
-                Some(Record::Job(job)) => Some(&**job),
-                _ => None,
-            }
-        });
+        commit::prune(&mut node.accepted, |id| state.job(id));
         Response::Entries(
             node.accepted
                 .iter()
@@ -323,7 +317,7 @@ impl Sim {
                     Ok(Response::Conflict(record)) if record.spec.id == id => {
                         // Take the voter's newer state through the same checks as any peer's.
                         self.stats.conflicts += 1;
-                        self.merge(i, &format!("job/{id}"), &Record::Job(record))?;
+                        self.merge(i, &Key::Job(id.to_string()).encode(), &Record::Job(record))?;
                         match self.job(i, id) {
                             Some(current) => CommitAnswer::Conflict(Box::new(current)),
                             None => CommitAnswer::Unclear("unknown job".into()),
@@ -427,9 +421,10 @@ impl Sim {
             result: None,
             stamp: self.stamp(i),
         };
-        let key = format!("job/{}", spec.id);
+        let key = Key::Job(spec.id.to_string()).encode();
         trace!(self, "n{i}: a user submits job {}", short(&spec.id));
         let record = JobRecord {
+            compacted: false,
             spec,
             assignment: None,
             progress: MaxReg(progress),
@@ -446,11 +441,9 @@ impl Sim {
         }
         let open: Vec<JobRecord> = self.nodes[i]
             .state
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) if !job.progress.0.status.is_terminal() => Some((**job).clone()),
-                _ => None,
-            })
+            .all_jobs()
+            .filter(|job| !job.progress.0.status.is_terminal())
+            .cloned()
             .collect();
         if open.is_empty() {
             return Ok(());
@@ -475,7 +468,7 @@ impl Sim {
             stamp,
         );
         trace!(self, "n{i}: a user cancels job {}", short(&record.spec.id));
-        let key = format!("job/{}", record.spec.id);
+        let key = Key::Job(record.spec.id.to_string()).encode();
         self.write(i, key, Record::Job(Box::new(record)))
     }
 }

@@ -10,6 +10,9 @@ use crate::sim::{Event, Sim};
 use crate::trace::{show_payload, Failure};
 use crate::{DELAY_MS, PAGE_LIMIT, SLOW_DELAY_MS};
 
+/// Pages in a row that change nothing before a session stops (the runtime's `MAX_IDLE_ROUNDS`).
+const MAX_IDLE_ROUNDS: u32 = 8;
+
 /// A request without an answer within this is given up as unclear.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
 /// Chance (per mille) during the chaos phase that the answer to a handled request is lost.
@@ -258,9 +261,11 @@ impl Sim {
         want: Vec<String>,
         more: bool,
     ) -> Result<(), Failure> {
+        let before = self.nodes[to].state.bucket_summary();
         for (key, record) in &records {
             self.merge(to, key, record)?;
         }
+        let changed = self.nodes[to].state.bucket_summary() != before;
         if !want.is_empty() {
             let state = &self.nodes[to].state;
             let mut page = Vec::new();
@@ -284,7 +289,15 @@ impl Sim {
                 self.send(to, from, payload);
             }
         }
-        if more {
+        // Rounds in a row that changed nothing here (records this node refuses for now, say
+        // of a term it has not heard of) end the session, as in the runtime.
+        let idle = self.sync_idle.entry((to, from)).or_insert(0);
+        *idle = if changed { 0 } else { *idle + 1 };
+        let go_on = *idle < MAX_IDLE_ROUNDS;
+        if !go_on {
+            self.sync_idle.remove(&(to, from));
+        }
+        if more && go_on {
             // The peer left records out: ask for the next page with a new round.
             self.stats.anti_entropy_pages += 1;
             let summary = self.nodes[to].state.bucket_summary();

@@ -6,11 +6,12 @@ use codex_mesh::proto::dispatch::worker::lost_at_restart;
 use codex_mesh::proto::dispatch::Dispatcher;
 use codex_mesh::proto::election::{Action, Election, HardState, Timing};
 use codex_mesh::proto::hlc::HlcClock;
-use codex_mesh::proto::records::{MasterInfo, NodeAdmin, Record};
-use codex_mesh::proto::voters::{desired_voters, Candidate};
+use codex_mesh::proto::lookup::RecordLookup;
+use codex_mesh::proto::records::{Key, NodeAdmin, Record};
+use codex_mesh::proto::voters::Candidate;
 
 use crate::net::Payload;
-use crate::sim::{node_id, Event, Sim};
+use crate::sim::{master_duties, node_id, Event, Sim};
 use crate::trace::{show_config, Failure};
 use crate::{ANTI_ENTROPY_PERMILLE, EXTRA_IDS, TICK_MS, WRITE_PERMILLE};
 
@@ -179,16 +180,14 @@ impl Sim {
         }
     }
 
-    /// What the runtime does on the master: change voters, publish the `master` record.
+    /// What the runtime does on the master, through the same duties it runs: change voters,
+    /// publish the `master` record.
     fn master_duties(&mut self, i: usize) -> Result<(), Failure> {
         let now = self.now;
         let local = self.mono(i);
         if !self.acting_master(i) {
             return Ok(());
         }
-        let Some(election) = self.nodes[i].election.as_ref() else {
-            return Ok(());
-        };
         let online: Vec<bool> = (0..self.nodes.len())
             .map(|j| j == i || (self.nodes[j].up(now) && self.reachable(i, j)))
             .collect();
@@ -197,7 +196,12 @@ impl Sim {
                 self.last_seen[j] = now;
             }
         }
-        if election.can_change_voters(local) {
+        let node = &mut self.nodes[i];
+        let due = node.duties.voter_check_due(local);
+        let Some(election) = node.election.as_ref() else {
+            return Ok(());
+        };
+        if due && node.duties.may_change_voters(election, local) {
             let candidates: Vec<Candidate> = (0..self.nodes.len())
                 .map(|j| Candidate {
                     id: self.nodes[j].id.clone(),
@@ -206,14 +210,14 @@ impl Sim {
                     recently_seen: online[j] || now < self.last_seen[j] + self.grace_ms,
                 })
                 .collect();
-            if let Some(voters) =
-                desired_voters(&election.membership().voters, election.id(), &candidates)
-            {
-                trace!(
-                    self,
-                    "n{i} changes voters from {} to {voters:?}",
-                    show_config(election.membership())
-                );
+            let change = self.nodes[i].election.as_ref().and_then(|election| {
+                let voters = self.nodes[i]
+                    .duties
+                    .voter_change(election, local, &candidates)?;
+                Some((show_config(election.membership()), voters))
+            });
+            if let Some((from, voters)) = change {
+                trace!(self, "n{i} changes voters from {from} to {voters:?}");
                 let result = match self.nodes[i].election.as_mut() {
                     Some(election) => election.change_voters(voters, local),
                     None => return Ok(()),
@@ -236,7 +240,7 @@ impl Sim {
                     }
                     Err(err) => {
                         return Err(self.fail(format!(
-                            "n{i}: change_voters refused ({err}) although can_change_voters"
+                            "n{i}: change_voters refused ({err}) although the duties allowed it"
                         )));
                     }
                 }
@@ -245,20 +249,14 @@ impl Sim {
         if !self.acting_master(i) {
             return Ok(());
         }
-        let Some(election) = self.nodes[i].election.as_ref() else {
+        let node = &self.nodes[i];
+        let Some(election) = node.election.as_ref() else {
             return Ok(());
         };
-        let written = (election.term(), election.membership().index);
-        if self.nodes[i].master_written != Some(written) {
-            let info = MasterInfo {
-                epoch: election.term(),
-                config_index: election.membership().index,
-                master: self.nodes[i].id.clone(),
-                since_ms: election.leader_since().unwrap_or(local),
-                voters: election.membership().all_voters(),
-            };
-            self.nodes[i].master_written = Some(written);
-            self.write(i, "master".to_string(), Record::Master(MaxReg(info)))?;
+        let since = election.leader_since().unwrap_or(local);
+        if let Some(info) = node.duties.lease_record(election, since) {
+            self.nodes[i].duties.lease_written(&info);
+            self.write(i, Key::Master.encode(), Record::Master(MaxReg(info)))?;
         }
         Ok(())
     }
@@ -292,7 +290,11 @@ impl Sim {
             },
         };
         self.stats.writes += 1;
-        self.write(i, format!("admin/{target}"), Record::Admin(admin))
+        self.write(
+            i,
+            Key::Admin(target.to_string()).encode(),
+            Record::Admin(admin),
+        )
     }
 
     /// Apply a local change and gossip it to every peer.
@@ -321,7 +323,8 @@ impl Sim {
                 self.send(i, j, Payload::Delta(key.clone(), Box::new(record.clone())));
             }
         }
-        if let Some(id) = key.strip_prefix("job/") {
+        // The simulation's job ids are short, not ULIDs: match the kind by its prefix.
+        if let Some(id) = key.strip_prefix(Key::JOB_PREFIX) {
             self.job_changed(i, id)?;
         }
         Ok(())
@@ -352,7 +355,7 @@ impl Sim {
             Ok(changed) => changed.is_some(),
             Err(err) => return Err(self.fail(format!("n{i} refused a peer's {key}: {err}"))),
         };
-        match key.strip_prefix("job/") {
+        match key.strip_prefix(Key::JOB_PREFIX) {
             Some(id) if changed => self.job_changed(i, id),
             _ => Ok(()),
         }
@@ -403,7 +406,7 @@ impl Sim {
             .max()
             .unwrap_or_default();
         node.hlc = HlcClock::starting_after(newest);
-        node.master_written = None;
+        node.duties = master_duties();
         node.started_wall = wall;
         node.dispatcher = Dispatcher::default();
         node.pending.clear();
@@ -416,14 +419,7 @@ impl Sim {
             self.nodes[i].persisted.term,
             show_config(&self.nodes[i].persisted.membership)
         );
-        let jobs: Vec<_> = self.nodes[i]
-            .state
-            .with_prefix("job/")
-            .filter_map(|(_, r)| match r {
-                Record::Job(job) => Some((**job).clone()),
-                _ => None,
-            })
-            .collect();
+        let jobs: Vec<_> = self.nodes[i].state.all_jobs().cloned().collect();
         let me = self.nodes[i].id.clone();
         for job in jobs {
             let lost = {
@@ -435,7 +431,7 @@ impl Sim {
                 trace!(self, "n{i} lost its run of {} at restart", job.spec.id);
                 self.write(
                     i,
-                    format!("job/{}", job.spec.id),
+                    Key::Job(job.spec.id.to_string()).encode(),
                     Record::Job(Box::new(record)),
                 )?;
             }

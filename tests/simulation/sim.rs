@@ -7,9 +7,11 @@ use codex_mesh::proto::crdt::NodeId;
 use codex_mesh::proto::dispatch::commit::Accepted;
 use codex_mesh::proto::dispatch::worker::RunKey;
 use codex_mesh::proto::dispatch::Dispatcher;
+use codex_mesh::proto::duties::MasterDuties;
 use codex_mesh::proto::election::{Election, HardState, Membership, Position, Timing};
 use codex_mesh::proto::hlc::HlcClock;
 use codex_mesh::proto::jobs::JobRecord;
+use codex_mesh::proto::lookup::RecordLookup;
 use codex_mesh::proto::state::ReplicatedState;
 
 use crate::clock::{Clock, LeaseClock};
@@ -174,8 +176,9 @@ pub struct Node {
     pub hlc: HlcClock,
     pub clock: Clock,
     pub lease_clock: LeaseClock,
-    /// `(term, config index)` of the last `master` record this node wrote.
-    pub master_written: Option<(u64, u64)>,
+    /// The master's duties as the runtime runs them (in memory: lost on crash); see
+    /// [`master_duties`].
+    pub duties: MasterDuties,
     /// Wall time of the process start (what its node record would say).
     pub started_wall: u64,
     /// Monotonic time each peer was last heard from (liveness).
@@ -233,6 +236,9 @@ pub struct Sim {
     pub slow_permille: u64,
     /// When the (current) master last saw each node online.
     pub last_seen: Vec<u64>,
+    /// Anti-entropy pages in a row, per (node, peer), that changed nothing at the node (as
+    /// in the runtime, a session stops after `MAX_IDLE_ROUNDS` of them).
+    pub sync_idle: BTreeMap<(usize, usize), u32>,
     /// This run's voter grace window.
     pub grace_ms: u64,
     /// Term -> the node that led it.
@@ -257,6 +263,13 @@ pub struct Sim {
 
 pub fn node_id(i: usize) -> NodeId {
     format!("n{i}")
+}
+
+/// The runtime's master duties without its settle time before voter changes: a term of the
+/// simulation is often shorter than the runtime's 5 s, and voter changes are what the faults
+/// should meet as often as possible.
+pub fn master_duties() -> MasterDuties {
+    MasterDuties::new(0)
 }
 
 impl Sim {
@@ -294,7 +307,7 @@ impl Sim {
                     state: ReplicatedState::default(),
                     hlc: HlcClock::default(),
                     lease_clock: LeaseClock::new(crate::clock::jump_threshold_ms()),
-                    master_written: None,
+                    duties: master_duties(),
                     started_wall: clock.wall(0),
                     heard: vec![None; n],
                     dispatcher: Dispatcher::default(),
@@ -324,6 +337,7 @@ impl Sim {
             dup_permille: 20,
             slow_permille: 10,
             last_seen: vec![0; n],
+            sync_idle: BTreeMap::new(),
             grace_ms: 0,
             leaders: BTreeMap::new(),
             configs: BTreeMap::new(),
@@ -420,10 +434,7 @@ impl Sim {
     }
 
     pub fn job(&self, i: usize, id: &str) -> Option<JobRecord> {
-        match self.nodes[i].state.get(&format!("job/{id}")) {
-            Some(codex_mesh::proto::records::Record::Job(job)) => Some((**job).clone()),
-            _ => None,
-        }
+        self.nodes[i].state.job(id).cloned()
     }
 
     pub fn run(mut self) -> Outcome {

@@ -8,7 +8,7 @@
 use codex_mesh::proto::crdt::{MaxReg, NodeId};
 use codex_mesh::proto::dispatch::worker::{judge, must_stop, Fence, RunKey, Verdict};
 use codex_mesh::proto::jobs::{JobStatus, Progress};
-use codex_mesh::proto::records::Record;
+use codex_mesh::proto::records::{Key, Record};
 
 use crate::net::Response;
 use crate::sim::{Event, Phase, Run, Sim};
@@ -37,7 +37,7 @@ impl Sim {
         self.judging = true;
         let merged = self.merge(
             i,
-            &format!("job/{id}"),
+            &Key::Job(id.to_string()).encode(),
             &Record::Job(Box::new(record.clone())),
         );
         self.judging = false;
@@ -296,6 +296,10 @@ impl Sim {
                 .attempts
                 .ended(key.attempt, Some(&me), status, reason, wall, stamp);
         }
-        self.write(i, format!("job/{id}"), Record::Job(Box::new(record)))
+        self.write(
+            i,
+            Key::Job(id.to_string()).encode(),
+            Record::Job(Box::new(record)),
+        )
     }
 }

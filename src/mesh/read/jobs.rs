@@ -6,6 +6,7 @@ use crate::mesh::jobs::{AttemptView, JobError, JobList, JobQuery, JobView};
 use crate::mesh::snapshot::index::current_node;
 use crate::mesh::snapshot::Snapshot;
 use crate::proto::jobs::{JobRecord, JobStatus};
+use crate::proto::lookup::RecordLookup;
 use crate::runner::logs;
 
 use super::nodes::{master_of, node_name, resolve_node};
@@ -33,6 +34,7 @@ pub fn job_view(snap: &Snapshot, job: &JobRecord) -> JobView {
         result: progress.result.clone(),
         updated_at_ms: progress.stamp.at.wall_ms,
         attempts: attempt_views(snap, job),
+        compacted: job.compacted,
         spec: job.spec.clone(),
     }
 }
@@ -120,6 +122,11 @@ pub fn log_places(snap: &Snapshot, id: &str) -> Result<(PathBuf, Vec<libp2p::Pee
     let job = snap
         .job(id)
         .ok_or_else(|| JobError::NotFound(id.to_string()))?;
+    if job.compacted {
+        return Err(JobError::Gone(format!(
+            "job {id} ended before the mesh's history horizon (--job-history-days): its log was dropped"
+        )));
+    }
     let local = snap.local();
     let mut peers = Vec::new();
     if let Some(node) = job.assignment.as_ref().map(|a| &a.0.node) {

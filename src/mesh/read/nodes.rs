@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use crate::mesh::snapshot::Snapshot;
 use crate::mesh::views::{ActionError, MasterView, MemberCount, NodeView, StatusView};
 use crate::proto::crdt::{Lww, NodeId};
-use crate::proto::records::{NodeAdmin, NodeInfo, Record};
+use crate::proto::lookup::RecordLookup;
+use crate::proto::records::{NodeAdmin, NodeInfo};
 
 /// Who is master as a node sees it: itself while it holds the lease, else the leader its
 /// election heard from, else the lease record's holder, as long as that node is online.
@@ -34,7 +35,7 @@ pub fn master_of(snap: &Snapshot) -> Option<NodeId> {
         &local.id,
         local.is_master_now(),
         local.leader.as_ref(),
-        snap.master_record().map(|r| &r.master),
+        snap.master().map(|r| &r.master),
         |id| local.liveness.is_online(id, local.at),
     )
 }
@@ -42,7 +43,7 @@ pub fn master_of(snap: &Snapshot) -> Option<NodeId> {
 /// The voters as the newest lease record says (every node has it), or as this node's own
 /// configuration says when that is newer or no record exists yet.
 pub fn displayed_voters(snap: &Snapshot) -> BTreeSet<NodeId> {
-    match snap.master_record() {
+    match snap.master() {
         Some(r) if r.epoch >= snap.local().term => r.voters.clone(),
         _ => snap.local().voters.clone(),
     }
@@ -51,7 +52,7 @@ pub fn displayed_voters(snap: &Snapshot) -> BTreeSet<NodeId> {
 /// `GET /api/v1/status`.
 pub fn status(snap: &Snapshot) -> StatusView {
     let local = snap.local();
-    let record = snap.master_record();
+    let record = snap.master();
     let master = master_of(snap);
     let since = master
         .as_ref()
@@ -96,10 +97,7 @@ pub fn master_view(snap: &Snapshot) -> MasterView {
 }
 
 fn node_infos(snap: &Snapshot) -> impl Iterator<Item = &NodeInfo> {
-    snap.with_prefix("node/").filter_map(|(_, r)| match r {
-        Record::Node(info) => Some(&info.value),
-        _ => None,
-    })
+    snap.all_nodes().map(|info| &info.value)
 }
 
 /// All nodes, by name.
@@ -115,9 +113,7 @@ pub fn node_views(snap: &Snapshot) -> Vec<NodeView> {
 
 /// The node with id `id`.
 pub fn node_by_id(snap: &Snapshot, id: &str) -> Option<NodeView> {
-    let Some(Record::Node(info)) = snap.get(&format!("node/{id}")) else {
-        return None;
-    };
+    let info = snap.node(id)?;
     let master = master_of(snap);
     Some(node_view(
         snap,
@@ -129,10 +125,7 @@ pub fn node_by_id(snap: &Snapshot, id: &str) -> Option<NodeView> {
 
 /// Operator decisions about node `id`.
 pub fn admin<'a>(snap: &'a Snapshot, id: &str) -> Option<&'a NodeAdmin> {
-    match snap.get(&format!("admin/{id}")) {
-        Some(Record::Admin(a)) => Some(a),
-        _ => None,
-    }
+    snap.admin(id)
 }
 
 /// Whether the operator flag `field` of node `id` is set.
@@ -215,10 +208,7 @@ pub fn node_view(
 
 /// The name of node `id`, if its record is known.
 pub fn node_name(snap: &Snapshot, id: &str) -> Option<String> {
-    match snap.get(&format!("node/{id}")) {
-        Some(Record::Node(info)) => Some(info.value.name.clone()),
-        _ => None,
-    }
+    snap.node(id).map(|info| info.value.name.clone())
 }
 
 /// The node with id or name `target`; a name several nodes carry is refused.

@@ -9,6 +9,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::proto::records::Key;
+
 /// What kind of object a change is about, as `GET /api/v1/events` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -34,14 +36,11 @@ impl ChangeKind {
 /// The feed key a record key is reported under, with its kind: operator decisions about a
 /// node are changes of that node. `None` for keys the feed does not report.
 pub fn feed_key(record_key: &str) -> Option<(ChangeKind, String)> {
-    if record_key == "master" {
-        return Some((ChangeKind::Master, "master".into()));
-    }
-    let (prefix, id) = record_key.split_once('/')?;
-    match prefix {
-        "node" | "admin" => Some((ChangeKind::Node, format!("node/{id}"))),
-        "job" => Some((ChangeKind::Job, record_key.to_string())),
-        _ => None,
+    match Key::parse(record_key).ok()? {
+        Key::Master => Some((ChangeKind::Master, Key::Master.encode())),
+        Key::Node(id) | Key::Admin(id) => Some((ChangeKind::Node, Key::Node(id).encode())),
+        Key::Job(_) => Some((ChangeKind::Job, record_key.to_string())),
+        Key::History | Key::Other(_) => None,
     }
 }
 

@@ -132,6 +132,7 @@ mod tests {
     /// A job `id` in `status`, assigned to `node` for its current attempt.
     pub(crate) fn job_record(id: &str, status: JobStatus, node: Option<&str>) -> JobRecord {
         JobRecord {
+            compacted: false,
             spec: JobSpec {
                 id: id.into(),
                 ..JobSpec::for_tests("p")

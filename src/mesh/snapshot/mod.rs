@@ -18,8 +18,8 @@ use tokio::sync::{broadcast, watch};
 
 use super::liveness::Liveness;
 use crate::proto::crdt::NodeId;
-use crate::proto::jobs::JobRecord;
-use crate::proto::records::{MasterInfo, Record};
+use crate::proto::lookup::RecordLookup;
+use crate::proto::records::Record;
 use feed::Change;
 use index::JobIndex;
 
@@ -103,14 +103,12 @@ pub struct Snapshot {
     local: Arc<LocalFacts>,
 }
 
-impl Snapshot {
-    /// The record under `key`.
-    pub fn get(&self, key: &str) -> Option<&Record> {
-        self.records.get(key).map(|r| &**r)
+impl RecordLookup for Snapshot {
+    fn record(&self, key: &str) -> Option<&Record> {
+        self.get(key)
     }
 
-    /// Records whose key starts with `prefix`, in key order.
-    pub fn with_prefix<'a>(
+    fn records_from<'a>(
         &'a self,
         prefix: &'a str,
     ) -> impl Iterator<Item = (&'a String, &'a Record)> + 'a {
@@ -119,26 +117,17 @@ impl Snapshot {
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(k, r)| (k, &**r))
     }
+}
 
-    /// The job with id `id`.
-    pub fn job(&self, id: &str) -> Option<&JobRecord> {
-        match self.get(&format!("job/{id}")) {
-            Some(Record::Job(job)) => Some(job),
-            _ => None,
-        }
+impl Snapshot {
+    /// The record under `key`.
+    pub fn get(&self, key: &str) -> Option<&Record> {
+        self.records.get(key).map(|r| &**r)
     }
 
     /// The job indexes.
     pub fn jobs(&self) -> &JobIndex {
         &self.jobs
-    }
-
-    /// The newest lease record.
-    pub fn master_record(&self) -> Option<&MasterInfo> {
-        match self.get("master") {
-            Some(Record::Master(m)) => Some(&m.0),
-            _ => None,
-        }
     }
 
     /// What this node knows beyond the records.
@@ -285,6 +274,7 @@ impl SnapshotWriter {
 mod tests {
     use super::*;
     use crate::proto::crdt::MaxReg;
+    use crate::proto::records::MasterInfo;
 
     fn local() -> LocalFacts {
         LocalFacts::before_start("me", "me", "m", PathBuf::from("/nonexistent"))
@@ -307,8 +297,8 @@ mod tests {
         let first = writer.publish(writer.build(local()));
         writer.record_changed("master", master(2));
         let _ = writer.publish(writer.build(local()));
-        assert_eq!(first.master_record().map(|m| m.epoch), Some(1));
-        assert_eq!(reader.current().master_record().map(|m| m.epoch), Some(2));
+        assert_eq!(first.master().map(|m| m.epoch), Some(1));
+        assert_eq!(reader.current().master().map(|m| m.epoch), Some(2));
     }
 
     #[test]

@@ -141,11 +141,14 @@ pub struct Dispatcher {
     read: Read,
 }
 
-/// Whether a job still needs the scheduler: not finished, or lost with attempts left.
+/// Whether a job still needs the scheduler: not finished, or lost with attempts left (and
+/// not yet past the history horizon: a compacted job is final).
 pub fn is_open(job: &JobRecord, lost_requeues: u32) -> bool {
     let progress = &job.progress.0;
     !progress.status.is_terminal()
-        || (progress.status == JobStatus::Lost && progress.attempt <= lost_requeues)
+        || (progress.status == JobStatus::Lost
+            && progress.attempt <= lost_requeues
+            && !job.compacted)
 }
 
 fn is_active(status: JobStatus) -> bool {
@@ -203,7 +206,7 @@ impl Dispatcher {
         for job in jobs {
             let progress = &job.progress.0;
             if progress.status == JobStatus::Lost {
-                if progress.attempt <= world.lost_requeues {
+                if is_open(job, world.lost_requeues) {
                     let why = progress
                         .reason
                         .clone()
@@ -326,6 +329,7 @@ impl Dispatcher {
             stamp: (world.stamp)(),
         };
         let record = Box::new(JobRecord {
+            compacted: false,
             assignment: Some(MaxReg(assignment)),
             ..with_progress(job, progress)
         });
@@ -492,6 +496,7 @@ impl Dispatcher {
 /// `job` with `progress`.
 fn with_progress(job: &JobRecord, progress: Progress) -> JobRecord {
     JobRecord {
+        compacted: job.compacted,
         spec: job.spec.clone(),
         assignment: job.assignment.clone(),
         progress: MaxReg(progress),

@@ -19,6 +19,7 @@ fn stamp(t: u64, by: &str) -> Stamp {
 
 fn queued() -> JobRecord {
     JobRecord {
+        compacted: false,
         spec: JobSpec::for_tests("p"),
         assignment: None,
         progress: MaxReg(Progress {
@@ -356,6 +357,21 @@ fn a_job_lost_by_its_restarted_worker_is_queued_again_while_attempts_remain() {
     let mut last = lost;
     last.progress.0.attempt = 2;
     assert!(!is_open(&last, 1), "no attempts left: lost for good");
+}
+
+#[test]
+fn a_lost_job_past_the_history_horizon_is_not_queued_again() {
+    let mut fx = Fixture::new(&["w"]);
+    let mut d = ready(&mut fx, Vec::new());
+    let mut lost = with_status(
+        &assigned(&queued(), (5, 1), "w", 2),
+        JobStatus::Lost,
+        3,
+        "w",
+    );
+    lost.compacted = true;
+    assert!(!is_open(&lost, 1), "a compacted job is final");
+    assert!(fx.round(&mut d, std::slice::from_ref(&lost), 0).is_empty());
 }
 
 #[test]

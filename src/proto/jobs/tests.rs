@@ -22,14 +22,29 @@ fn status() -> impl Strategy<Value = JobStatus> {
     ]
 }
 
+/// No result, or one of a few that differ in what compaction keeps and in what it drops.
+fn result() -> impl Strategy<Value = Option<JobResult>> {
+    proptest::option::of(
+        (
+            0i32..2,
+            prop_oneof![Just(None), Just(Some("x")), Just(Some("y"))],
+        )
+            .prop_map(|(exit_code, message)| JobResult {
+                exit_code: Some(exit_code),
+                final_message: message.map(str::to_string),
+                ..JobResult::default()
+            }),
+    )
+}
+
 fn progress() -> impl Strategy<Value = Progress> {
-    (1u32..3, 0u64..3, status(), 0u64..4, "[ab]").prop_map(|(attempt, epoch, status, t, by)| {
-        Progress {
+    (1u32..3, 0u64..3, status(), 0u64..4, "[ab]", result()).prop_map(
+        |(attempt, epoch, status, t, by, result)| Progress {
             attempt,
             assignment: (epoch, 1),
             status,
             reason: None,
-            result: None,
+            result,
             stamp: Stamp {
                 at: Hlc {
                     wall_ms: t,
@@ -37,8 +52,8 @@ fn progress() -> impl Strategy<Value = Progress> {
                 },
                 by,
             },
-        }
-    })
+        },
+    )
 }
 
 fn record() -> impl Strategy<Value = JobRecord> {
@@ -51,15 +66,27 @@ fn record() -> impl Strategy<Value = JobRecord> {
                 node,
             })
         }));
-    (prop_oneof![Just("a"), Just("b")], assignment, progress()).prop_map(
-        |(p, assignment, progress)| JobRecord {
-            spec: spec(p),
-            assignment,
-            progress: MaxReg(progress),
-            attempts: Attempts::default(),
-            extra: Extra::default(),
-        },
+    let compacted = any::<bool>();
+    (
+        prop_oneof![Just("a"), Just("b")],
+        assignment,
+        progress(),
+        compacted,
     )
+        .prop_map(|(p, assignment, progress, compacted)| {
+            let mut record = JobRecord {
+                compacted: false,
+                spec: spec(p),
+                assignment,
+                progress: MaxReg(progress),
+                attempts: Attempts::default(),
+                extra: Extra::default(),
+            };
+            if compacted {
+                super::super::history::compact(&mut record);
+            }
+            record
+        })
 }
 
 proptest! {
@@ -157,6 +184,7 @@ fn a_retry_starts_a_new_attempt_from_queued() {
 #[test]
 fn validation_refuses_bad_specs() {
     let good = JobRecord {
+        compacted: false,
         spec: spec("fix the bug"),
         attempts: Attempts::default(),
         extra: Extra::default(),
@@ -235,6 +263,7 @@ fn statuses_parse_from_their_names() {
 /// A queued job record for unit tests elsewhere in `proto`.
 pub(crate) fn queued_record() -> JobRecord {
     JobRecord {
+        compacted: false,
         spec: spec("fix the bug"),
         assignment: None,
         progress: MaxReg(Progress {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::Record;
 
 /// Names of the record kinds this version decodes (the tags of [`Record`]'s encoding).
-pub const KNOWN_KINDS: [&str; 4] = ["Node", "Admin", "Master", "Job"];
+pub const KNOWN_KINDS: [&str; 5] = ["Node", "Admin", "Master", "Job", "History"];
 
 /// Fields of a struct that this version does not know, by name, each as canonical CBOR.
 /// Written back after the known fields, in name order.
@@ -181,6 +181,7 @@ impl Serialize for Record {
             Record::Admin(admin) => map.serialize_entry("Admin", admin)?,
             Record::Master(master) => map.serialize_entry("Master", master)?,
             Record::Job(job) => map.serialize_entry("Job", job)?,
+            Record::History(horizon) => map.serialize_entry("History", horizon)?,
             Record::Unknown { kind, raw } => {
                 map.serialize_entry(kind, &Wire(&decode_canonical::<S::Error>(raw)?))?
             }
@@ -225,6 +226,7 @@ impl Record {
             "Admin" => body.deserialized().map(Record::Admin).ok(),
             "Master" => body.deserialized().map(Record::Master).ok(),
             "Job" => body.deserialized().map(Record::Job).ok(),
+            "History" => body.deserialized().map(Record::History).ok(),
             _ => None,
         };
         known.unwrap_or_else(|| Record::Unknown {
@@ -388,6 +390,7 @@ mod tests {
         assert_eq!(encode(&spec), bytes);
         // Inside a job record inside a record, too.
         let record = Record::Job(Box::new(JobRecord {
+            compacted: false,
             spec: spec.clone(),
             ..crate::proto::jobs::tests::queued_record()
         }));
@@ -447,6 +450,7 @@ mod tests {
         let (plain, bytes) = spec_with_priority();
         let richer: JobSpec = ciborium::from_reader(bytes.as_slice()).unwrap();
         let job = |spec: &JobSpec| JobRecord {
+            compacted: false,
             spec: spec.clone(),
             ..crate::proto::jobs::tests::queued_record()
         };
