@@ -303,23 +303,11 @@ async fn reads(client: &reqwest::Client, urls: &[String; 3], token: &str, n: usi
     }
 }
 
-/// `total` of `GET /api/v1/jobs?limit=1` on `node`.
-fn total(node: &Node) -> Result<u64, String> {
-    let list: Value = node
-        .api("GET", "/api/v1/jobs?limit=1", None)
-        .map_err(|e| e.to_string())?
-        .expect_status(200)?
-        .json()?;
-    list["total"]
-        .as_u64()
-        .ok_or_else(|| format!("no total in {list}"))
-}
-
 /// Time from `t0` until every node lists `jobs` jobs; `None` on timeout.
 fn wait_catch_up(mesh: &Mesh, jobs: usize, t0: Instant) -> Option<f64> {
     let mut last_report = Instant::now();
     loop {
-        let totals: Vec<Result<u64, String>> = mesh.nodes.iter().map(total).collect();
+        let totals: Vec<Result<u64, String>> = mesh.nodes.iter().map(Node::jobs_total).collect();
         if totals
             .iter()
             .all(|t| t.as_ref().is_ok_and(|&n| n >= jobs as u64))

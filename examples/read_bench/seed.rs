@@ -63,8 +63,20 @@ pub struct Seeded {
     pub secs: f64,
 }
 
-/// Writes `jobs` finished job records into the store at `path` (created if missing).
+/// Writes `jobs` finished job records into the store at `path` (created if missing),
+/// submitted over the last six weeks.
 pub fn seed_store(path: &Path, jobs: usize, seed: u64) -> Result<Seeded, String> {
+    seed_store_aged(path, jobs, seed, 0)
+}
+
+/// As [`seed_store`], every job submitted at least `min_age_ms` ago (and at most six weeks
+/// before that).
+pub fn seed_store_aged(
+    path: &Path,
+    jobs: usize,
+    seed: u64,
+    min_age_ms: u64,
+) -> Result<Seeded, String> {
     let started = std::time::Instant::now();
     let store = Store::open(path).map_err(|e| e.to_string())?;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -78,7 +90,7 @@ pub fn seed_store(path: &Path, jobs: usize, seed: u64) -> Result<Seeded, String>
         let n = BATCH.min(jobs - written);
         let batch: Vec<(String, Record)> = (0..n)
             .map(|i| {
-                let record = job_record(&mut rng, &nodes, now, (written + i) as u64);
+                let record = job_record(&mut rng, &nodes, now - min_age_ms, (written + i) as u64);
                 if record.progress.0.status == JobStatus::Failed {
                     failed += 1;
                 }
@@ -202,7 +214,31 @@ fn job_record(rng: &mut StdRng, nodes: &[String], now: u64, seq: u64) -> JobReco
         ended_at_ms: Some(ended),
         stamp: stamp.clone(),
     };
+    // A job stays lost only once its requeue (one by default) was lost too: a lost job is on
+    // its second attempt, so that the master does not queue it again.
+    let number = if status == JobStatus::Lost { 2 } else { 1 };
+    let mut attempts = BTreeMap::from([(number, MaxReg(attempt))]);
+    if number == 2 {
+        attempts.insert(
+            1,
+            MaxReg(AttemptRecord {
+                node: Some(node.clone()),
+                status,
+                reason: reason.clone(),
+                started_at_ms: Some(submitted),
+                ended_at_ms: Some(started),
+                stamp: Stamp {
+                    at: Hlc {
+                        wall_ms: started,
+                        logical: 0,
+                    },
+                    by: node.clone(),
+                },
+            }),
+        );
+    }
     JobRecord {
+        compacted: false,
         spec: JobSpec {
             id: id.clone(),
             target: if rng.gen_ratio(1, 4) {
@@ -230,18 +266,18 @@ fn job_record(rng: &mut StdRng, nodes: &[String], now: u64, seq: u64) -> JobReco
         assignment: Some(MaxReg(Assignment {
             epoch,
             seq,
-            attempt: 1,
+            attempt: number,
             node,
         })),
         progress: MaxReg(Progress {
-            attempt: 1,
+            attempt: number,
             assignment: (epoch, seq),
             status,
             reason,
             result,
             stamp,
         }),
-        attempts: Attempts(BTreeMap::from([(1, MaxReg(attempt))])),
+        attempts: Attempts(attempts),
         extra: Default::default(),
     }
 }
