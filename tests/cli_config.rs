@@ -151,3 +151,39 @@ fn api_errors_are_json_for_unknown_paths_and_methods() {
         );
     }
 }
+
+#[test]
+fn a_browser_at_the_node_address_gets_a_page_and_api_paths_stay_json() {
+    let mesh = Mesh::start(BIN, 1);
+    let node = &mesh.nodes[0];
+    let base = &node.endpoint().url;
+    for path in ["/", "/jobs/01JXT21RHD7453WZP6FT16E003"] {
+        let page = common::http_request("GET", &format!("{base}{path}"), None, None)
+            .expect("request the page");
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        assert!(
+            page.headers["content-type"].starts_with("text/html"),
+            "{path}: {:?}",
+            page.headers
+        );
+        assert!(
+            page.body.contains("<title>Codex Mesh</title>"),
+            "{}",
+            page.body
+        );
+        assert_eq!(page.headers["cache-control"], "no-cache");
+        assert!(page.headers["content-security-policy"].contains("default-src 'none'"));
+    }
+    // Without a token, API paths are still refused as JSON, and unknown ones are JSON 404s.
+    let refused = common::http_request("GET", &format!("{base}/api/v1/status"), None, None)
+        .expect("request status");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(refused.error_message().is_some(), "{}", refused.body);
+    let missing = common::http_request("GET", &format!("{base}/api/nope"), None, None)
+        .expect("request an unknown API path");
+    assert_eq!(missing.status, 404);
+    assert!(missing.error_message().is_some(), "{}", missing.body);
+    let posted =
+        common::http_request("POST", &format!("{base}/"), None, Some("{}")).expect("post to /");
+    assert_eq!(posted.status, 404, "only GET and HEAD get the page");
+}

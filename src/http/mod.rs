@@ -3,6 +3,7 @@
 
 mod auth;
 mod events;
+mod home;
 mod job_events;
 mod jobs;
 pub mod limits;
@@ -144,7 +145,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
         .merge(protected)
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .fallback(home::fallback)
         .method_not_allowed_fallback(|| async {
             ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
