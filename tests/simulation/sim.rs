@@ -212,8 +212,10 @@ impl Node {
         self.paused_until.max(self.frozen_until)
     }
 
+    /// Frozen: until its thaw event ran (which checks the clocks), even at the instant the
+    /// freeze ends, since events of other nodes at that instant may come first.
     pub fn frozen(&self, now: u64) -> bool {
-        now < self.frozen_until
+        now < self.frozen_until || self.clock.frozen_since.is_some()
     }
 }
 
