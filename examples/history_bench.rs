@@ -31,7 +31,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "read_bench/seed.rs"]
-#[allow(dead_code)] // shared with read_bench, which uses the unaged variant
 mod seed;
 #[path = "support/stats.rs"]
 mod stats;
@@ -77,17 +76,8 @@ fn main() -> ExitCode {
     };
     let mut mesh = Mesh::new(&bin);
     let n1_dir = mesh.data_dir("n1");
-    std::fs::create_dir_all(&n1_dir).expect("create n1's data dir");
     eprintln!("== seeding {jobs} jobs that ended over 30 days ago");
-    let seeded = seed::seed_store_aged(&n1_dir.join("state.redb"), jobs, 1, 31 * DAY_MS)
-        .unwrap_or_else(|e| panic!("seed the store: {e}"));
-    eprintln!(
-        "   {} jobs ({} failed) in {:.1} s, {:.1} MiB",
-        seeded.jobs,
-        seeded.failed,
-        seeded.secs,
-        mib(seeded.store_bytes)
-    );
+    seed::seed_data_dir(&n1_dir, jobs, 1, 31 * DAY_MS);
 
     eprintln!("== before: n1 keeps all history");
     let keep_all = NodeOptions::with_extra(&["--job-history-days", "0"]);
@@ -271,14 +261,11 @@ fn print_table(
     let ms = |v: Option<f64>| v.map_or("timeout".to_owned(), |v| format!("{:.1} s", v / 1000.0));
     println!("history compaction, {jobs} finished jobs that ended over 30 days ago");
     println!("{:<38} {:>14} {:>14}", "", "full history", "compacted");
-    println!(
-        "{:<38} {:>10.1} MiB {:>10.1} MiB",
-        "n1 store file", before.n1_store_mib, after.n1_store_mib
-    );
-    println!(
-        "{:<38} {:>10.1} MiB {:>10.1} MiB",
-        "n1 resident memory", before.n1_rss_mib, after.n1_rss_mib
-    );
+    let mib_row = |label: &str, before: f64, after: f64| {
+        println!("{label:<38} {before:>10.1} MiB {after:>10.1} MiB");
+    };
+    mib_row("n1 store file", before.n1_store_mib, after.n1_store_mib);
+    mib_row("n1 resident memory", before.n1_rss_mib, after.n1_rss_mib);
     println!(
         "{:<38} {:>12.0} ms {:>12.0} ms",
         "n1 start until ready", before.n1_ready_ms, after.n1_ready_ms
@@ -289,13 +276,15 @@ fn print_table(
         ms(before.catch_up_ms),
         ms(after.catch_up_ms)
     );
-    println!(
-        "{:<38} {:>10.1} MiB {:>10.1} MiB",
-        "new node store file", before.joiner_store_mib, after.joiner_store_mib
+    mib_row(
+        "new node store file",
+        before.joiner_store_mib,
+        after.joiner_store_mib,
     );
-    println!(
-        "{:<38} {:>10.1} MiB {:>10.1} MiB",
-        "new node resident memory", before.joiner_rss_mib, after.joiner_rss_mib
+    mib_row(
+        "new node resident memory",
+        before.joiner_rss_mib,
+        after.joiner_rss_mib,
     );
     println!("compaction on n1: {} (store file {store_right_after:.1} MiB at the stop after it, before the file is compacted at open); slowest /api/v1/health meanwhile {slowest_health_ms:.1} ms", ms(compact_ms));
 }

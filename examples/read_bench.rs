@@ -183,17 +183,7 @@ fn node_options() -> NodeOptions {
 fn run(runtime: &tokio::runtime::Runtime, bin: &Path, options: &Options) -> Report {
     eprintln!("== {}: seeding {} jobs", bin.display(), options.jobs);
     let mut mesh = Mesh::new(bin);
-    let n1_dir = mesh.data_dir("n1");
-    fs::create_dir_all(&n1_dir).expect("create n1's data dir");
-    let seeded = seed::seed_store(&n1_dir.join("state.redb"), options.jobs, 1)
-        .unwrap_or_else(|e| panic!("seed the store: {e}"));
-    eprintln!(
-        "   {} jobs ({} failed) in {:.1} s, {:.1} MiB",
-        seeded.jobs,
-        seeded.failed,
-        seeded.secs,
-        seeded.store_bytes as f64 / (1 << 20) as f64
-    );
+    let seeded = seed::seed_data_dir(&mesh.data_dir("n1"), options.jobs, 1, 0);
     let t0 = Instant::now();
     let first = mesh.spawn_up("n1", &node_options());
     mesh.nodes[first].wait_ready(common::READY_TIMEOUT);

@@ -63,20 +63,25 @@ pub struct Seeded {
     pub secs: f64,
 }
 
-/// Writes `jobs` finished job records into the store at `path` (created if missing),
-/// submitted over the last six weeks.
-pub fn seed_store(path: &Path, jobs: usize, seed: u64) -> Result<Seeded, String> {
-    seed_store_aged(path, jobs, seed, 0)
+/// Seeds the store of a node that has not started yet (`data_dir` is created if missing)
+/// with [`seed_store`], prints what was written, and panics if it cannot.
+pub fn seed_data_dir(data_dir: &Path, jobs: usize, seed: u64, min_age_ms: u64) -> Seeded {
+    std::fs::create_dir_all(data_dir).expect("create the node's data dir");
+    let seeded = seed_store(&data_dir.join("state.redb"), jobs, seed, min_age_ms)
+        .unwrap_or_else(|e| panic!("seed the store: {e}"));
+    eprintln!(
+        "   {} jobs ({} failed) in {:.1} s, {:.1} MiB",
+        seeded.jobs,
+        seeded.failed,
+        seeded.secs,
+        seeded.store_bytes as f64 / (1 << 20) as f64
+    );
+    seeded
 }
 
-/// As [`seed_store`], every job submitted at least `min_age_ms` ago (and at most six weeks
-/// before that).
-pub fn seed_store_aged(
-    path: &Path,
-    jobs: usize,
-    seed: u64,
-    min_age_ms: u64,
-) -> Result<Seeded, String> {
+/// Writes `jobs` finished job records into the store at `path` (created if missing), each
+/// submitted at least `min_age_ms` ago and at most six weeks before that.
+pub fn seed_store(path: &Path, jobs: usize, seed: u64, min_age_ms: u64) -> Result<Seeded, String> {
     let started = std::time::Instant::now();
     let store = Store::open(path).map_err(|e| e.to_string())?;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -217,26 +222,15 @@ fn job_record(rng: &mut StdRng, nodes: &[String], now: u64, seq: u64) -> JobReco
     // A job stays lost only once its requeue (one by default) was lost too: a lost job is on
     // its second attempt, so that the master does not queue it again.
     let number = if status == JobStatus::Lost { 2 } else { 1 };
-    let mut attempts = BTreeMap::from([(number, MaxReg(attempt))]);
+    let mut attempts = BTreeMap::new();
     if number == 2 {
-        attempts.insert(
-            1,
-            MaxReg(AttemptRecord {
-                node: Some(node.clone()),
-                status,
-                reason: reason.clone(),
-                started_at_ms: Some(submitted),
-                ended_at_ms: Some(started),
-                stamp: Stamp {
-                    at: Hlc {
-                        wall_ms: started,
-                        logical: 0,
-                    },
-                    by: node.clone(),
-                },
-            }),
-        );
+        let mut first = attempt.clone();
+        first.started_at_ms = Some(submitted);
+        first.ended_at_ms = Some(started);
+        first.stamp.at.wall_ms = started;
+        attempts.insert(1, MaxReg(first));
     }
+    attempts.insert(number, MaxReg(attempt));
     JobRecord {
         compacted: false,
         spec: JobSpec {

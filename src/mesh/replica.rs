@@ -33,6 +33,9 @@ pub struct Replica {
     store: Store,
     clock: HlcClock,
     snapshots: SnapshotWriter,
+    /// Where history compaction goes on: the horizon it works under and the last job key
+    /// it compacted.
+    compaction_cursor: Option<(u64, String)>,
 }
 
 impl Replica {
@@ -58,6 +61,7 @@ impl Replica {
             state,
             store,
             clock,
+            compaction_cursor: None,
             snapshots,
         };
         Ok((replica, reader))
@@ -163,13 +167,20 @@ impl Replica {
 
     /// Compact up to `max` jobs that the horizon covers and that are not compacted yet, in
     /// one store transaction. Returns the ids compacted (fewer than `max`: none are left).
+    /// Each call goes on after the last job the previous one compacted under the same
+    /// horizon (jobs changed meanwhile were compacted as they changed).
     pub fn compact_history(&mut self, max: usize) -> Result<Vec<String>, StoreError> {
         let Some(before_ms) = self.horizon().map(|h| h.before_ms) else {
             return Ok(Vec::new());
         };
+        let after = match self.compaction_cursor.take() {
+            Some((horizon, key)) if horizon == before_ms => key,
+            _ => String::new(),
+        };
         let mut shrunk = 0u64;
+        let mut ids = Vec::new();
         let mut rows: Vec<(String, Record)> = Vec::new();
-        for (key, record) in self.state.records_from(Key::JOB_PREFIX) {
+        for (key, record) in self.state.records_after(Key::JOB_PREFIX, &after) {
             if rows.len() >= max {
                 break;
             }
@@ -179,20 +190,19 @@ impl Replica {
             }
             let mut compacted = job.clone();
             history::compact(&mut compacted);
+            ids.push(compacted.spec.id.clone());
             let compacted = Record::Job(compacted);
             shrunk += record.encoded_len().saturating_sub(compacted.encoded_len()) as u64;
             rows.push((key.clone(), compacted));
         }
         let refs: Vec<(&str, &Record)> = rows.iter().map(|(k, r)| (k.as_str(), r)).collect();
-        self.store.put_records(&refs)?;
-        if shrunk > 0 {
-            self.store.note_shrunk(shrunk)?;
-        }
-        let mut ids = Vec::with_capacity(rows.len());
+        self.store.put_records_shrunk(&refs, shrunk)?;
         for (key, record) in &rows {
             self.apply_stored(key, record);
-            if let Record::Job(job) = record {
-                ids.push(job.spec.id.clone());
+        }
+        if rows.len() >= max {
+            if let Some((key, _)) = rows.last() {
+                self.compaction_cursor = Some((before_ms, key.clone()));
             }
         }
         Ok(ids)

@@ -220,6 +220,21 @@ pub struct Reconciliation {
     pub more: bool,
 }
 
+impl ReplicatedState {
+    /// Records whose key starts with `prefix` and sorts after `after`, in key order.
+    pub fn records_after<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: &str,
+    ) -> impl Iterator<Item = (&'a String, &'a Record)> + 'a {
+        let start = if after > prefix { after } else { prefix };
+        self.entries
+            .range::<str, _>((std::ops::Bound::Excluded(start), std::ops::Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k, &*e.record))
+    }
+}
+
 impl RecordLookup for ReplicatedState {
     fn record(&self, key: &str) -> Option<&Record> {
         self.get(key)

@@ -81,7 +81,7 @@ pub struct Store {
 
 impl Store {
     /// Open (or create) the store at `path`, bring its schema up to date, and compact the
-    /// file if records shrank enough since the last time (see [`Store::note_shrunk`]). Blocks
+    /// file if records shrank enough since the last time (see [`Store::put_records_shrunk`]). Blocks
     /// for as long as the compaction takes: call it off the async runtime.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let mut store = Store::open_only(path)?;
@@ -123,11 +123,32 @@ impl Store {
         self.put_meta(SHRUNK_KEY, &0u64)
     }
 
-    /// Count `bytes` that records shrank by (history compaction); the file is compacted at
-    /// the next open once enough was freed. Until then redb reuses the freed pages.
-    pub fn note_shrunk(&self, bytes: u64) -> Result<(), StoreError> {
-        let total = self.get_meta::<u64>(SHRUNK_KEY)?.unwrap_or(0);
-        self.put_meta(SHRUNK_KEY, &total.saturating_add(bytes))
+    /// Write `records`, which replace larger ones by `shrunk` bytes in all (history
+    /// compaction), and count those bytes, in one transaction; the file is compacted at the
+    /// next open once enough was freed. Until then redb reuses the freed pages.
+    pub fn put_records_shrunk(
+        &self,
+        records: &[(&str, &Record)],
+        shrunk: u64,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(RECORDS)?;
+            for (key, record) in records {
+                table.insert(*key, encode(record).as_slice())?;
+            }
+            let mut meta = txn.open_table(META)?;
+            let total: u64 = match meta.get(SHRUNK_KEY)? {
+                Some(bytes) => decode(SHRUNK_KEY, bytes.value())?,
+                None => 0,
+            };
+            meta.insert(SHRUNK_KEY, encode(&total.saturating_add(shrunk)).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     fn open_only(path: &Path) -> Result<Store, StoreError> {
@@ -291,13 +312,12 @@ mod tests {
             full_size = store.size_bytes();
             let small = big(16);
             let rows: Vec<(&str, &Record)> = keys.iter().map(|k| (k.as_str(), &small)).collect();
-            store.put_records(&rows).unwrap();
+            store.put_records_shrunk(&rows, 400 * (64 << 10)).unwrap();
             assert_eq!(
                 store.size_bytes(),
                 full_size,
                 "redb does not shrink by itself"
             );
-            store.note_shrunk(400 * (64 << 10)).unwrap();
         }
         let store = Store::open(&path).unwrap();
         assert!(
